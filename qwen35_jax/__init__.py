@@ -1,0 +1,40 @@
+"""qwen35_jax: the Qwen3.5 model family in JAX/Flax, exact to the Hugging Face reference.
+
+Public API (stable; later modules and the tests use exactly these names):
+    get_config(name) -> Qwen35Config                   presets: PRESETS
+    init_params(config, rng) -> params                 a plain nested dict of arrays
+    load_hf(path, dtype=jnp.float32) -> (config, params)
+    forward(config, params, input_ids, *, attention_mask=None, segment_ids=None,
+            positions=None) -> logits [B, T, vocab]
+    apply(config, params, input_ids, ...) -> ModelOutput(logits, hidden, aux_loss,
+            expert_load, mtp_logits)                   what training needs
+    abstract_params(config) -> shapes with logical axis names (jax.eval_shape, no FLOPs)
+
+Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`):
+    B batch           T time (sequence)      S key/source time     D model width (hidden_size)
+    V vocabulary, or the GDN value head dim in GDN code           N attention (query) heads
+    G key/value heads H head dim (attention) or GDN value heads (in GDN code)
+    J GDN key heads   K GDN key head dim     R rotary dims         I FFN width
+    E experts         k top-k                C chunk length        L layers
+    M routed rows (tokens x k)               W conv width          P patches
+"""
+
+from qwen35_jax.config import PRESETS, ConfigError, Qwen35Config, TextConfig, VisionConfig, get_config
+from qwen35_jax.convert.hf import CheckpointError, load_hf
+from qwen35_jax.model import ModelOutput, abstract_params, apply, forward, init_params
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ConfigError",
+    "ModelOutput",
+    "Qwen35Config",
+    "TextConfig",
+    "VisionConfig",
+    "abstract_params",
+    "apply",
+    "forward",
+    "get_config",
+    "init_params",
+    "load_hf",
+]

@@ -1,0 +1,603 @@
+"""Model configuration for the Qwen3.5 family: frozen dataclasses, presets, HF config.json in/out.
+
+Every dataclass validates (and normalises: lists become tuples, integral floats become ints) in
+``__post_init__``, so every construction path -- the constructor, ``replace``, ``from_dict``,
+``from_hf`` -- yields a checked, hashable config usable as a ``jax.jit`` static argument. Errors
+are ``ConfigError`` naming the dotted field, the bad value and what was expected.
+
+Field map (ours -> Hugging Face ``config.json``; most names are identical):
+
+* ``TextConfig`` -> ``text_config`` (multimodal) or the top level (text-only ``*ForCausalLM``).
+  ``full_attention_interval`` -> ``layer_types`` (written in full; read back and checked to follow
+  the pattern ``full_attention`` at every ``interval``-th layer, linear attention elsewhere).
+  ``rope_parameters`` -> ``rope_parameters`` {rope_type, rope_theta, partial_rotary_factor,
+  mrope_section, mrope_interleaved}; older ``rope_theta``/``partial_rotary_factor`` keys and a
+  ``rope_scaling`` dict are read too. MoE keys (num_experts, num_experts_per_tok,
+  moe_intermediate_size, shared_expert_intermediate_size) are read only for MoE configs and
+  written only for MoE models (``num_experts > 0``); ``intermediate_size`` is not carried by the
+  released MoE configs and is written for MoE only when it differs from the default.
+  ``mtp_num_hidden_layers`` / ``mtp_use_dedicated_embeddings`` are the released MTP keys.
+* ``VisionConfig`` -> ``vision_config`` (``None`` for text-only models).
+* ``Qwen35Config`` top level: the four vision token ids; ``tie_word_embeddings`` lives on the text
+  config here and is written at both levels (when read, the top-level value wins).
+* Runtime fields (``compute_dtype``, ``param_dtype``, ``remat_policy``, ``gdn_chunk_size``) are
+  ours only: ``to_hf`` drops them and ``from_hf`` leaves their defaults.
+* ``extra``: HF keys we do not model (``dtype``, ``mamba_ssm_dtype``, ``attn_output_gate``,
+  ``initializer_range``, ...), kept as sorted ``(dotted key, JSON string)`` pairs so that
+  ``to_hf(from_hf(d))`` keeps them. Keys are ``name`` (top level), ``text_config.name``,
+  ``text_config.rope_parameters.name`` or ``vision_config.name``. In a flat text-only file every
+  key is a ``text_config.`` key. transformers' private ``_*`` keys (``_name_or_path``) are
+  dropped; stray MoE keys in a dense config are ignored, as transformers ignores them.
+
+Keys absent from a config.json take the Hugging Face class defaults of its model type (e.g.
+``rope_theta`` 10000, ``max_position_embeddings`` 32768, MoE ``hidden_size`` 2048), so a file
+means what it means to ``transformers``; our dataclass defaults are the released-model values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import numbers
+import os
+import types
+import typing
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the dotted field, its value and what was
+    expected."""
+
+
+_SCALARS = {bool: ((bool,), "a bool"), int: ((numbers.Integral,), "an int"),
+            float: ((numbers.Real,), "a finite number"), str: ((str,), "a str")}
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Checks ``value`` against the annotation ``tp`` and returns it in canonical form."""
+    if tp in _SCALARS:
+        kinds, what = _SCALARS[tp]
+        ok = isinstance(value, kinds) and (tp is bool or not isinstance(value, bool))
+        if tp is int and isinstance(value, float):
+            ok = value.is_integer()
+        if tp is float and ok:
+            ok = math.isfinite(value)
+        if not ok:
+            raise ConfigError(f"{path}={value!r} must be {what}")
+        return tp(value)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):  # only `X | None` is used
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list or tuple")
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise ConfigError(f"{path}={value!r} must have {len(args)} entries")
+        pairs = enumerate(zip(value, args, strict=True))
+        return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in pairs)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"{path} must be a {tp.__name__}, got {type(value).__name__} {value!r}")
+    raise TypeError(f"unsupported annotation {tp!r} for {path}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _normalise(obj: Any, prefix: str) -> None:
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _coerce(prefix + f.name, getattr(obj, f.name), hints[f.name])
+        object.__setattr__(obj, f.name, value)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(obj: Any, prefix: str, names: typing.Iterable[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0, f"{prefix}{name}={value!r} must be > 0")
+
+
+def _nonneg(obj: Any, prefix: str, names: typing.Iterable[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is None or value >= 0, f"{prefix}{name}={value!r} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeParameters:
+    """Text rotary embedding (HF ``text_config.rope_parameters``)."""
+
+    rope_type: str = "default"
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, ...] = (11, 11, 10)
+    mrope_interleaved: bool = True  # HF always interleaves; kept for round trips
+
+    def __post_init__(self) -> None:
+        p = "text_config.rope_parameters."
+        _normalise(self, p)
+        _check(self.rope_type == "default",
+               f"{p}rope_type={self.rope_type!r} is not supported; expected 'default'")
+        _positive(self, p, ["rope_theta"])
+        prf = self.partial_rotary_factor
+        _check(0.0 < prf <= 1.0, f"{p}partial_rotary_factor={prf!r} must be in (0, 1]")
+        for i, s in enumerate(self.mrope_section):
+            _check(s >= 0, f"{p}mrope_section[{i}]={s} must be >= 0")
+
+
+_DENSE_ZERO = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The language model (HF ``text_config``; field names are Hugging Face's)."""
+
+    vocab_size: int = 248320
+    hidden_size: int = 4096
+    intermediate_size: int = 12288  # dense FFN width (ignored by MoE layers)
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 262144
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    full_attention_interval: int = 4  # HF stores layer_types; we derive them from this
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    rope_parameters: RopeParameters = RopeParameters()
+    num_experts: int = 0  # 0 = dense model
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    router_aux_loss_coef: float = 0.001
+    mtp_num_hidden_layers: int = 0
+    mtp_use_dedicated_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        p = "text_config."
+        _normalise(self, p)
+        _positive(self, p, [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+            "rms_norm_eps", "full_attention_interval", "linear_conv_kernel_dim",
+            "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+            "linear_num_value_heads"])
+        for a, b in [("num_attention_heads", "num_key_value_heads"),
+                     ("linear_num_value_heads", "linear_num_key_heads")]:
+            va, vb = getattr(self, a), getattr(self, b)
+            _check(va % vb == 0, f"{p}{a}={va} must be divisible by {p}{b}={vb}")
+        _check(self.full_attention_interval <= self.num_hidden_layers,
+               f"{p}full_attention_interval={self.full_attention_interval} must be <= "
+               f"{p}num_hidden_layers={self.num_hidden_layers}")
+        _check(self.hidden_act == "silu", f"{p}hidden_act={self.hidden_act!r} must be 'silu'")
+        prf = self.rope_parameters.partial_rotary_factor
+        rot = self.head_dim * prf
+        _check(rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
+               f"{p}head_dim={self.head_dim} * {p}rope_parameters.partial_rotary_factor={prf} "
+               f"= {rot} must be a positive even integer (the rotary dim)")
+        _nonneg(self, p, ["num_experts", "router_aux_loss_coef", "mtp_num_hidden_layers",
+                          "pad_token_id", "bos_token_id", "eos_token_id"])
+        if self.num_experts > 0:
+            k = self.num_experts_per_tok
+            _check(1 <= k <= self.num_experts, f"{p}num_experts_per_tok={k} must be in "
+                   f"[1, {p}num_experts={self.num_experts}]")
+            _positive(self, p, ["moe_intermediate_size", "shared_expert_intermediate_size"])
+        else:
+            for name in _DENSE_ZERO:
+                _check(getattr(self, name) == 0, f"{p}{name}={getattr(self, name)} must be 0 "
+                       f"for a dense model ({p}num_experts=0)")
+        _check(not self.mtp_use_dedicated_embeddings,
+               f"{p}mtp_use_dedicated_embeddings=True is not supported (expected False: the MTP "
+               "head shares the main model's embedding)")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        n = self.full_attention_interval
+        return tuple("linear_attention" if (i + 1) % n else "full_attention"
+                     for i in range(self.num_hidden_layers))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_hidden_layers // self.full_attention_interval
+
+    @property
+    def num_tail_layers(self) -> int:
+        """Trailing layers after the last full block; all linear attention."""
+        return self.num_hidden_layers % self.full_attention_interval
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower and merger (HF ``vision_config``)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        p = "vision_config."
+        _normalise(self, p)
+        _positive(self, p, [
+            "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+            "spatial_merge_size", "temporal_patch_size", "out_hidden_size",
+            "num_position_embeddings"])
+        _check(self.hidden_size % self.num_heads == 0, f"{p}hidden_size={self.hidden_size} must "
+               f"be divisible by {p}num_heads={self.num_heads}")
+        for i, d in enumerate(self.deepstack_visual_indexes):
+            _check(0 <= d < self.depth, f"{p}deepstack_visual_indexes[{i}]={d} must be in "
+                   f"[0, {p}depth={self.depth})")
+
+
+_DTYPES = ("float32", "bfloat16")
+_REMAT = ("none", "full", "dots", "dots_no_batch")
+_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_MOE_KEYS = ("num_experts", *_DENSE_ZERO, "router_aux_loss_coef")
+_ROPE_KEYS = ("layer_types", "rope_parameters", "rope_scaling", "rope_theta",
+              "partial_rotary_factor")
+_SKIP = ("architectures", "model_type", "transformers_version")
+_HF_DEFAULTS = {  # transformers class defaults where they differ from ours (used by from_hf)
+    False: {"max_position_embeddings": 32768},
+    True: {"max_position_embeddings": 32768, "hidden_size": 2048, "num_hidden_layers": 40,
+           "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
+           "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+}
+_HF_ROPE_THETA = 10_000.0  # transformers' default_theta
+_MODEL_TYPES = {"qwen3_5_text": False, "qwen3_5_moe_text": True, "qwen3_5": False,
+                "qwen3_5_moe": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen35Config:
+    """A whole model: text config, optional vision config, token ids and runtime settings."""
+
+    text_config: TextConfig = TextConfig()
+    vision_config: VisionConfig | None = None
+    image_token_id: int = 248056
+    video_token_id: int = 248057
+    vision_start_token_id: int = 248053
+    vision_end_token_id: int = 248054
+    compute_dtype: str = "float32"  # "float32" | "bfloat16"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    gdn_chunk_size: int = 64
+    extra: tuple[tuple[str, str], ...] = ()  # unmodelled HF keys: (dotted key, JSON string)
+
+    def __post_init__(self) -> None:
+        _normalise(self, "")
+        _nonneg(self, "", _TOKEN_IDS)
+        for name in ("compute_dtype", "param_dtype"):
+            _check(getattr(self, name) in _DTYPES,
+                   f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
+        _check(self.remat_policy in _REMAT,
+               f"remat_policy={self.remat_policy!r} must be one of {_REMAT}")
+        _check(self.gdn_chunk_size >= 1, f"gdn_chunk_size={self.gdn_chunk_size} must be >= 1")
+        v, d = self.vision_config, self.text_config.hidden_size
+        _check(v is None or v.out_hidden_size == d, f"vision_config.out_hidden_size="
+               f"{v and v.out_hidden_size} must equal text_config.hidden_size={d}")
+        extra = tuple(sorted(self.extra))
+        for i, (key, value) in enumerate(extra):
+            _check(i == 0 or key != extra[i - 1][0], f"extra has the key {key!r} twice")
+            try:
+                json.loads(value)
+            except ValueError:
+                raise ConfigError(f"extra[{key!r}]={value!r} must be a JSON string") from None
+        object.__setattr__(self, "extra", extra)
+
+    @property
+    def text(self) -> TextConfig:
+        return self.text_config
+
+    @property
+    def is_moe(self) -> bool:
+        return self.text_config.is_moe
+
+    def replace(self, **kw: Any) -> Qwen35Config:
+        """``dataclasses.replace`` with validation (unknown names raise ConfigError)."""
+        _unknown(kw, {f.name for f in dataclasses.fields(self)}, "")
+        return dataclasses.replace(self, **kw)
+
+    # ---- our own nested dict form ----
+    def to_dict(self) -> dict[str, Any]:
+        d = _plain(dataclasses.asdict(self))
+        d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Qwen35Config:
+        """Builds from our field names (nested; missing keys take defaults; strict)."""
+        d = dict(_as_dict(d, "config"))
+        if isinstance(d.get("extra"), dict):
+            d["extra"] = tuple(d["extra"].items())
+        return _build(cls, d, "")
+
+    # ---- Hugging Face config.json ----
+    @classmethod
+    def from_hf(cls, source: dict[str, Any] | str | os.PathLike[str]) -> Qwen35Config:
+        """Reads a config.json dict, a path to config.json or a checkpoint directory."""
+        if not isinstance(source, dict):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path, encoding="utf-8") as f:
+                try:
+                    source = json.load(f)
+                except ValueError as e:
+                    raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return _from_hf(_as_dict(source, "config"))
+
+    def to_hf(self) -> dict[str, Any]:
+        """A config.json dict that transformers loads (runtime fields dropped)."""
+        t, moe = self.text_config, self.text_config.is_moe
+        family = "qwen3_5_moe" if moe else "qwen3_5"
+        arch = "Qwen3_5MoeFor" if moe else "Qwen3_5For"
+        text = _text_to_hf(t)
+        text["model_type"] = family + "_text"
+        extra = {k: json.loads(v) for k, v in self.extra}
+        ids = {name: getattr(self, name) for name in _TOKEN_IDS}
+        if self.vision_config is None:
+            out = {"architectures": [arch + "CausalLM"], **text}
+            out.update({k: v for k, v in ids.items() if v != _FIELD_DEFAULTS[k]})
+            _merge(out, extra, "text_config.")
+            _merge(out, extra, "")
+            return out
+        vision = _plain(dataclasses.asdict(self.vision_config))
+        if not vision["deepstack_visual_indexes"]:
+            del vision["deepstack_visual_indexes"]
+        vision["model_type"] = family + "_vision"
+        _merge(text, extra, "text_config.")
+        _merge(vision, extra, "vision_config.")
+        out = {"architectures": [arch + "ConditionalGeneration"], "model_type": family,
+               "text_config": text, "vision_config": vision, **ids,
+               "tie_word_embeddings": t.tie_word_embeddings}
+        _merge(out, extra, "")
+        return out
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Qwen35Config)}
+_SECTIONS = ("text_config.rope_parameters.", "text_config.", "vision_config.")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _as_dict(x: Any, path: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise ConfigError(f"{path} must be a dict, got {type(x).__name__} {x!r}")
+    return x
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    """``cls(**d)`` for our nested dict form; nested dataclass fields are built recursively."""
+    d = dict(_as_dict(d, prefix[:-1] or "config"))
+    _unknown(d, {f.name for f in dataclasses.fields(cls)}, prefix)
+    for name, value in d.items():
+        sub = [t for t in typing.get_args(_hints(cls)[name]) or [_hints(cls)[name]]
+               if dataclasses.is_dataclass(t)]
+        if sub and isinstance(value, dict):
+            d[name] = _build(sub[0], value, f"{prefix}{name}.")
+    return cls(**d)
+
+
+def _unknown(d: dict[str, Any], valid: set[str], prefix: str) -> None:
+    bad = [k for k in d if k not in valid]
+    if bad:
+        raise ConfigError(f"unknown key {prefix + bad[0]!r}; valid keys: {sorted(valid)}")
+
+
+def _merge(target: dict[str, Any], extra: dict[str, Any], prefix: str) -> None:
+    """Adds the ``extra`` entries of one section (modelled keys already in target win)."""
+    for key, value in extra.items():
+        section = next((s for s in _SECTIONS if key.startswith(s)), "")
+        if section == prefix:
+            target.setdefault(key[len(prefix):], value)
+        elif section == "text_config.rope_parameters." and prefix == "text_config.":
+            target["rope_parameters"].setdefault(key[len(section):], value)
+
+
+def _text_to_hf(t: TextConfig) -> dict[str, Any]:
+    d = _plain(dataclasses.asdict(t))
+    if t.is_moe:
+        if t.intermediate_size == TextConfig.intermediate_size:
+            del d["intermediate_size"]  # released MoE configs do not carry it
+    else:
+        for name in _MOE_KEYS:
+            del d[name]
+        if t.router_aux_loss_coef != TextConfig.router_aux_loss_coef:
+            d["router_aux_loss_coef"] = t.router_aux_loss_coef
+    d["layer_types"] = list(t.layer_types)
+    d["partial_rotary_factor"] = t.rope_parameters.partial_rotary_factor
+    return d
+
+
+def _read_layer_types(text: dict[str, Any], n: Any) -> int | None:
+    """The full-attention interval implied by ``layer_types`` (checked), or None if absent."""
+    lt, p = text.get("layer_types"), "text_config.layer_types"
+    if lt is None:
+        return None
+    if not isinstance(lt, (list, tuple)) or not all(isinstance(x, str) for x in lt):
+        raise ConfigError(f"{p}={lt!r} must be a list of layer type strings")
+    _check(len(lt) == n,
+           f"{p} has {len(lt)} entries but text_config.num_hidden_layers={n}")
+    if "full_attention" not in lt:
+        raise ConfigError(f"{p}={lt!r} has no 'full_attention' layer; expected one every "
+                          "full_attention_interval layers")
+    interval = lt.index("full_attention") + 1
+    given = text.get("full_attention_interval", interval)
+    _check(given == interval, f"{p} puts the first full_attention layer at index {interval - 1}"
+           f" but text_config.full_attention_interval={given!r}")
+    for i, kind in enumerate(lt):
+        want = "linear_attention" if (i + 1) % interval else "full_attention"
+        _check(kind == want, f"{p}[{i}]={kind!r} does not follow the full_attention_interval="
+               f"{interval} pattern (expected {want!r}; trailing layers must be linear_attention)")
+    return interval
+
+
+def _from_hf(d: dict[str, Any]) -> Qwen35Config:
+    mt = d.get("model_type")
+    if mt is not None and mt not in _MODEL_TYPES:
+        raise ConfigError(f"model_type={mt!r} is not a Qwen3.5 config; expected one of "
+                          f"{sorted(_MODEL_TYPES)}")
+    nested = "text_config" in d or mt in ("qwen3_5", "qwen3_5_moe")
+    text = _as_dict(d.get("text_config") or {}, "text_config") if nested else d
+    tmt = text.get("model_type") if nested else mt
+    if tmt is not None and tmt not in ("qwen3_5_text", "qwen3_5_moe_text"):
+        raise ConfigError(f"text_config.model_type={tmt!r} must be 'qwen3_5_text' or "
+                          "'qwen3_5_moe_text'")
+    kinds = {_MODEL_TYPES[m] for m in (mt, tmt) if m is not None}
+    _check(len(kinds) <= 1, f"model_type={mt!r} and text_config.model_type={tmt!r} disagree")
+    n_exp = text.get("num_experts")
+    moe = kinds.pop() if kinds else bool(n_exp)
+    _check(moe or not n_exp, f"text_config.num_experts={n_exp!r} in a dense config "
+           f"(model_type={tmt or mt!r}); expected 0 or absent")
+    extra: dict[str, Any] = {}
+
+    # text
+    defaults = {f.name: f.default for f in dataclasses.fields(TextConfig)}
+    defaults.update(_HF_DEFAULTS[moe])
+    modelled = set(defaults) - {"rope_parameters", "full_attention_interval"}
+    if not moe:
+        modelled -= set(_DENSE_ZERO)
+    kw = {k: text.get(k, defaults[k]) for k in modelled}
+    consumed = modelled | set(_ROPE_KEYS) | set(_SKIP) | set(_MOE_KEYS) | {
+        "full_attention_interval"}
+    if not nested:
+        consumed |= set(_TOKEN_IDS)
+    interval = _read_layer_types(text, kw["num_hidden_layers"])
+    kw["full_attention_interval"] = interval or text.get("full_attention_interval", 4)
+    rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+    rope = _as_dict(rope, "text_config.rope_parameters")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    kw["rope_parameters"] = RopeParameters(
+        rope_type="default" if rope_type == "mrope" else rope_type,
+        rope_theta=rope.get("rope_theta", text.get("rope_theta", _HF_ROPE_THETA)),
+        partial_rotary_factor=rope.get("partial_rotary_factor",
+                                       text.get("partial_rotary_factor", 0.25)),
+        mrope_section=rope.get("mrope_section", RopeParameters.mrope_section),
+        mrope_interleaved=rope.get("mrope_interleaved", True))
+    rope_fields = {f.name for f in dataclasses.fields(RopeParameters)} | {"type"}
+    extra.update({f"text_config.rope_parameters.{k}": v for k, v in rope.items()
+                  if k not in rope_fields})
+    eos = kw["eos_token_id"]
+    if isinstance(eos, list) and len(eos) == 1:
+        kw["eos_token_id"] = eos[0]
+    if nested and "tie_word_embeddings" in d:
+        kw["tie_word_embeddings"] = d["tie_word_embeddings"]
+    extra.update({f"text_config.{k}": v for k, v in text.items()
+                  if k not in consumed and not k.startswith("_")})
+
+    # vision and top level
+    top: dict[str, Any] = {k: d.get(k, _FIELD_DEFAULTS[k]) for k in _TOKEN_IDS}
+    vision = None
+    if nested:
+        vd = d.get("vision_config")
+        vd = {} if vd is None else _as_dict(vd, "vision_config")
+        vfields = {f.name for f in dataclasses.fields(VisionConfig)}
+        vision = VisionConfig(**{k: v for k, v in vd.items() if k in vfields})
+        extra.update({f"vision_config.{k}": v for k, v in vd.items()
+                      if k not in vfields and k != "model_type" and not k.startswith("_")})
+        top_consumed = set(_SKIP) | set(_TOKEN_IDS) | {
+            "text_config", "vision_config", "tie_word_embeddings"}
+        extra.update({k: v for k, v in d.items()
+                      if k not in top_consumed and not k.startswith("_")})
+    ex = tuple((k, json.dumps(v, sort_keys=True)) for k, v in extra.items())
+    return Qwen35Config(text_config=TextConfig(**kw), vision_config=vision, extra=ex, **top)
+
+
+# ---- presets ----
+def _real(d: int, layers: int, heads: tuple[int, int], gdn_v: int, vision: tuple[int, ...],
+          ffn: int = 12288, moe: tuple[int, int, int] | None = None,
+          tied: bool = False) -> Qwen35Config:
+    m = {}
+    if moe:
+        e, k, w = moe
+        m = dict(num_experts=e, num_experts_per_tok=k, moe_intermediate_size=w,
+                 shared_expert_intermediate_size=w)
+    text = TextConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads[0], num_key_value_heads=heads[1],
+                      linear_num_key_heads=16, linear_num_value_heads=gdn_v,
+                      tie_word_embeddings=tied, mtp_num_hidden_layers=1, eos_token_id=248044, **m)
+    depth, width, mlp, nh = vision
+    vis = VisionConfig(depth=depth, hidden_size=width, intermediate_size=mlp, num_heads=nh,
+                       out_hidden_size=d)
+    return Qwen35Config(text_config=text, vision_config=vis)
+
+
+_V_SMALL, _V_MID, _V_BIG = (12, 768, 3072, 12), (24, 1024, 4096, 16), (27, 1152, 4304, 16)
+_TINY = TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                   linear_value_head_dim=24, tie_word_embeddings=True, mtp_num_hidden_layers=1,
+                   rope_parameters=RopeParameters(rope_theta=10_000.0))
+# MoE presets keep the default intermediate_size: the released MoE configs do not carry one.
+_PRESETS: dict[str, Qwen35Config] = {
+    "qwen3.5-0.8b": _real(1024, 24, (8, 2), 16, _V_SMALL, ffn=3584, tied=True),
+    "qwen3.5-2b": _real(2048, 24, (8, 2), 16, _V_MID, ffn=6144, tied=True),
+    "qwen3.5-4b": _real(2560, 32, (16, 4), 32, _V_MID, ffn=9216, tied=True),
+    "qwen3.5-9b": _real(4096, 32, (16, 4), 32, _V_BIG, ffn=12288),
+    "qwen3.5-27b": _real(5120, 64, (24, 4), 48, _V_BIG, ffn=17408),
+    "qwen3.5-35b-a3b": _real(2048, 40, (16, 2), 32, _V_BIG, moe=(256, 8, 512)),
+    "qwen3.5-122b-a10b": _real(3072, 48, (32, 2), 64, _V_BIG, moe=(256, 8, 1024)),
+    "qwen3.5-397b-a17b": _real(4096, 60, (32, 2), 64, _V_BIG, moe=(512, 10, 1024)),
+    "tiny": Qwen35Config(text_config=_TINY),
+    "tiny-moe": Qwen35Config(text_config=dataclasses.replace(
+        _TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, tie_word_embeddings=False)),
+    # vision token ids moved inside the 512-token vocabulary so they can be embedded
+    "tiny-vl": Qwen35Config(
+        text_config=_TINY, vision_start_token_id=508, vision_end_token_id=509,
+        image_token_id=510, video_token_id=511,
+        vision_config=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                   out_hidden_size=64, patch_size=16, temporal_patch_size=2,
+                                   spatial_merge_size=2, num_position_embeddings=64)),
+}
+PRESETS: tuple[str, ...] = tuple(_PRESETS)
+
+
+def get_config(name: str) -> Qwen35Config:
+    """The preset called ``name`` (see ``PRESETS``)."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown config name {name!r}; valid names: {', '.join(PRESETS)}")
+    return _PRESETS[name]

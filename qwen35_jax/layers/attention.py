@@ -1,0 +1,113 @@
+"""Gated softmax attention (the full-attention layers).
+
+    q_BTNH, gate_BTNH = split(x @ q_proj)      q_proj: D -> N * 2H, per head [query | gate]
+    k_BTGH = x @ k_proj;  v_BTGH = x @ v_proj  G key/value heads, each serving N/G query heads
+    q, k = q_norm(q), k_norm(k)                zero-centred RMSNorm over H
+    q, k = rope(q), rope(k)                    partial rotary on the first H*partial dims
+    p = softmax(q k^T / sqrt(H) + mask)        float32; mask = causal & same document & not pad
+    out = (p v) * sigmoid(gate);  y = out @ o_proj       o_proj: N * H -> D
+
+Parameter names (ours -> Hugging Face `self_attn.*`):
+    q_proj [D, N, 2H]   <- q_proj.weight [N*2H, D] (transposed, reshaped)
+    k_proj [D, G, H]    <- k_proj.weight;   v_proj [D, G, H] <- v_proj.weight
+    o_proj [N, H, D]    <- o_proj.weight [D, N*H]
+    q_norm/scale, k_norm/scale <- q_norm.weight, k_norm.weight
+    q_bias, k_bias, v_bias, o_bias when attention_bias <- *_proj.bias
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from qwen35_jax.config import TextConfig
+from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.rotary import apply_rotary
+
+KERNEL_INIT = nn.initializers.normal(0.02)
+
+
+def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
+    """[B, 1, 1, T, S] boolean: causal, same document, key not padding."""
+    t = segment_ids_BT.shape[1]
+    causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    key_ok_BS = segment_ids_BT != 0
+    mask_BTS = causal_TS[None] & same_BTS & key_ok_BS[:, None, :]
+    return mask_BTS[:, None, None, :, :]
+
+
+def dot_product_attention(
+    q_BTNH: jax.Array, k_BSGH: jax.Array, v_BSGH: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Grouped-query softmax attention; softmax in float32. Returns [B, T, N, H]."""
+    b, t, n, h = q_BTNH.shape
+    g = k_BSGH.shape[2]
+    q_BTGRH = q_BTNH.reshape(b, t, g, n // g, h)
+    logits_BGRTS = jnp.einsum(
+        "btgrh,bsgh->bgrts", q_BTGRH, k_BSGH, preferred_element_type=jnp.float32
+    )
+    logits_BGRTS = logits_BGRTS * (h**-0.5)
+    logits_BGRTS = jnp.where(mask, logits_BGRTS, jnp.finfo(jnp.float32).min)
+    probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1).astype(v_BSGH.dtype)
+    out_BTGRH = jnp.einsum("bgrts,bsgh->btgrh", probs_BGRTS, v_BSGH)
+    return out_BTGRH.reshape(b, t, n, h)
+
+
+class GatedAttention(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+        kernel = self.param(
+            name, nn.with_logical_partitioning(KERNEL_INIT, axes), shape, self.param_dtype
+        )
+        return kernel.astype(self.dtype)
+
+    def _bias(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+        bias = self.param(
+            name,
+            nn.with_logical_partitioning(nn.initializers.zeros_init(), axes),
+            shape,
+            self.param_dtype,
+        )
+        return bias.astype(self.dtype)
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        cos_BTR: jax.Array,
+        sin_BTR: jax.Array,
+        mask: jax.Array,
+    ) -> jax.Array:
+        c = self.config
+        d, n, g, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        x_BTD = x_BTD.astype(self.dtype)
+
+        wq = self._proj("q_proj", (d, n, 2 * h), ("embed", "heads", "head_dim"))
+        wk = self._proj("k_proj", (d, g, h), ("embed", "kv_heads", "head_dim"))
+        wv = self._proj("v_proj", (d, g, h), ("embed", "kv_heads", "head_dim"))
+        wo = self._proj("o_proj", (n, h, d), ("heads", "head_dim", "embed"))
+        qg_BTNH2 = jnp.einsum("btd,dnh->btnh", x_BTD, wq)
+        k_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, wk)
+        v_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, wv)
+        if c.attention_bias:
+            qg_BTNH2 = qg_BTNH2 + self._bias("q_bias", (n, 2 * h), ("heads", "head_dim"))[None, None]
+            k_BTGH = k_BTGH + self._bias("k_bias", (g, h), ("kv_heads", "head_dim"))[None, None]
+            v_BTGH = v_BTGH + self._bias("v_bias", (g, h), ("kv_heads", "head_dim"))[None, None]
+        q_BTNH, gate_BTNH = qg_BTNH2[..., :h], qg_BTNH2[..., h:]
+
+        q_BTNH = RMSNorm(c.rms_norm_eps, self.param_dtype, name="q_norm")(q_BTNH)
+        k_BTGH = RMSNorm(c.rms_norm_eps, self.param_dtype, name="k_norm")(k_BTGH)
+        q_BTNH = apply_rotary(q_BTNH, cos_BTR, sin_BTR)
+        k_BTGH = apply_rotary(k_BTGH, cos_BTR, sin_BTR)
+
+        out_BTNH = dot_product_attention(q_BTNH, k_BTGH, v_BTGH, mask)
+        out_BTNH = out_BTNH * jax.nn.sigmoid(gate_BTNH.astype(jnp.float32)).astype(self.dtype)
+        y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo)
+        if c.attention_bias:
+            y_BTD = y_BTD + self._bias("o_bias", (d,), ("embed",))[None, None]
+        return y_BTD

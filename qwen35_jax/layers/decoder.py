@@ -1,0 +1,116 @@
+"""One decoder layer (pre-norm) and the scanned stacks built from it.
+
+    x = x + mixer(input_layernorm(x))         mixer: GatedDeltaNet ("linear_attention")
+                                                      or GatedAttention ("full_attention")
+    x = x + ffn(post_attention_layernorm(x))  ffn: SwiGLU MLP (dense) or MoE
+
+Parameter names (ours -> Hugging Face `layers.{i}.*`): input_layernorm, post_attention_layernorm,
+linear_attn (GDN) or self_attn (attention), mlp (dense MLP or MoE: gate, experts,
+shared_expert, shared_expert_gate).
+
+`LayerContext` carries what every layer reads besides the residual stream: segment ids, the
+rotary cos/sin, the attention mask and the token-validity mask. The scans broadcast it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from qwen35_jax.config import TextConfig
+from qwen35_jax.layers.attention import GatedAttention
+from qwen35_jax.layers.gated_deltanet import GatedDeltaNet
+from qwen35_jax.layers.mlp import MLP
+from qwen35_jax.layers.moe import MoE
+from qwen35_jax.layers.norms import RMSNorm
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerContext(NamedTuple):
+    segment_ids_BT: jax.Array
+    cos_BTR: jax.Array
+    sin_BTR: jax.Array
+    mask: jax.Array  # [B, 1, 1, T, T] boolean
+    valid_BT: jax.Array
+
+
+class DecoderLayer(nn.Module):
+    config: TextConfig
+    kind: str  # LINEAR or FULL
+    chunk_size: int = 64
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, dict]:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_BTD)
+        if self.kind == LINEAR:
+            h_BTD = GatedDeltaNet(c, self.chunk_size, **kw, name="linear_attn")(
+                h_BTD, ctx.segment_ids_BT
+            )
+        else:
+            h_BTD = GatedAttention(c, **kw, name="self_attn")(h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask)
+        x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
+
+        h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_BTD)
+        if c.is_moe:
+            h_BTD, stats = MoE(c, **kw, name="mlp")(h_BTD, ctx.valid_BT)
+        else:
+            h_BTD, stats = MLP(c.hidden_size, c.intermediate_size, **kw, name="mlp")(h_BTD), {}
+        x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "activation_embed"))
+        return x_BTD, stats
+
+
+def layer_class(remat_policy: str) -> type[nn.Module]:
+    """DecoderLayer, wrapped in nn.remat when the policy asks for it."""
+    if remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+
+
+def scanned_layers(layer_cls: type[nn.Module], length: int, axis_name: str) -> type[nn.Module]:
+    """`length` identical layers applied in sequence by nn.scan; params stacked on axis 0."""
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: axis_name},
+    )
+
+
+class Block(nn.Module):
+    """The repeating unit: (full_attention_interval - 1) GDN layers, then one attention layer."""
+
+    config: TextConfig
+    remat_policy: str = "none"
+    chunk_size: int = 64
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, dict]:
+        c = self.config
+        cls = layer_class(self.remat_policy)
+        kw = dict(chunk_size=self.chunk_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        n_linear = c.full_attention_interval - 1
+        stats = {}
+        if n_linear:
+            stack = scanned_layers(cls, n_linear, "sublayers")
+            x_BTD, stats["linear"] = stack(c, LINEAR, **kw, name="linear_layers")(x_BTD, ctx)
+        x_BTD, stats["full"] = cls(c, FULL, **kw, name="full_layer")(x_BTD, ctx)
+        return x_BTD, stats

@@ -1,0 +1,270 @@
+"""The Qwen3.5 text model: embedding, a scan over blocks of layers, final norm, LM head, MTP.
+
+Data flow (axis letters in `qwen35_jax/__init__.py`):
+    input_ids_BT -> embed_tokens -> x_BTD
+    x_BTD -> scan over num_blocks Blocks, each = (interval-1) GDN layers + 1 attention layer
+          -> scan over the num_tail_layers trailing GDN layers (when layers % interval != 0)
+          -> norm -> hidden_BTD -> lm_head (or embed_tokens^T when tied) -> logits_BTV
+    (optional) MTPHead(hidden_BTD, embed(input_ids shifted by one)) -> mtp logits (token t+2)
+
+Parameter tree (ours -> Hugging Face):
+    embed_tokens [V, D]                     <- model.embed_tokens.weight
+    blocks/linear_layers/... [nb, i-1, ...] <- model.layers.{b*i + j}.*      (j < i-1)
+    blocks/full_layer/...    [nb, ...]      <- model.layers.{b*i + i-1}.*
+    tail_layers/...          [r, ...]       <- model.layers.{nb*i + j}.*
+    norm/scale [D]                          <- model.norm.weight
+    lm_head [D, V]                          <- lm_head.weight [V, D]  (absent when tied)
+    mtp/...                                 <- mtp.*   (see mtp.py)
+Compile time does not grow with depth: the stacks are nn.scan loops over stacked parameters.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from qwen35_jax.config import Qwen35Config
+from qwen35_jax.layers.attention import attention_mask
+from qwen35_jax.layers.decoder import (
+    LINEAR,
+    Block,
+    LayerContext,
+    layer_class,
+    scanned_layers,
+)
+from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.rotary import rotary_cos_sin
+from qwen35_jax.mtp import MTPHead
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array | None  # [B, T, V] float32 (None when return_logits=False)
+    hidden: jax.Array  # [B, T, D] final hidden state, after the final norm
+    aux_loss: jax.Array  # scalar MoE load-balancing loss (0 for dense), unscaled by the coef
+    expert_load: jax.Array | None  # [L, E] fraction of top-k assignments per expert per layer
+    mtp_logits: jax.Array | None  # [B, T, V] float32, predicts token t+2 (when return_mtp)
+
+
+def document_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Positions that restart at 0 at every document start (where the segment id changes)."""
+    t = segment_ids_BT.shape[1]
+    idx_BT = jnp.broadcast_to(jnp.arange(t), segment_ids_BT.shape)
+    start_BT = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BT[:, :1], dtype=bool),
+            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1],
+        ],
+        axis=1,
+    )
+    last_start_BT = jax.lax.cummax(jnp.where(start_BT, idx_BT, 0), axis=1)
+    return idx_BT - last_start_BT
+
+
+class Qwen35TextModel(nn.Module):
+    config: Qwen35Config
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        segment_ids_BT: jax.Array,
+        positions: jax.Array,
+        return_logits: bool = True,
+        return_mtp: bool = False,
+    ) -> ModelOutput:
+        cfg = self.config
+        c = cfg.text_config
+        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+
+        embed_VD = self.param(
+            "embed_tokens",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.vocab_size, c.hidden_size),
+            param_dtype,
+        )
+        x_BTD = jnp.take(embed_VD, input_ids_BT, axis=0).astype(dtype)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "activation_embed"))
+
+        rotary_dim = int(c.head_dim * c.rope_parameters.partial_rotary_factor)
+        rope = c.rope_parameters
+        cos_BTR, sin_BTR = rotary_cos_sin(
+            positions, rotary_dim, rope.rope_theta, rope.mrope_section, rope.mrope_interleaved
+        )
+        valid_BT = segment_ids_BT != 0
+        ctx = LayerContext(segment_ids_BT, cos_BTR, sin_BTR, attention_mask(segment_ids_BT), valid_BT)
+
+        stats = []
+        if c.num_blocks:
+            blocks = scanned_layers(Block, c.num_blocks, "layers")
+            x_BTD, block_stats = blocks(
+                c, cfg.remat_policy, cfg.gdn_chunk_size, **kw, name="blocks"
+            )(x_BTD, ctx)
+            stats.append(block_stats)
+        if c.num_tail_layers:
+            tail = scanned_layers(layer_class(cfg.remat_policy), c.num_tail_layers, "layers")
+            x_BTD, tail_stats = tail(c, LINEAR, cfg.gdn_chunk_size, **kw, name="tail_layers")(
+                x_BTD, ctx
+            )
+            stats.append({"tail": tail_stats})
+        hidden_BTD = RMSNorm(c.rms_norm_eps, param_dtype, name="norm")(x_BTD)
+
+        if c.tie_word_embeddings:
+            head_DV = embed_VD.T
+        else:
+            head_DV = self.param(
+                "lm_head",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                (c.hidden_size, c.vocab_size),
+                param_dtype,
+            )
+
+        def logits_of(h_BTD):
+            return jnp.einsum(
+                "btd,dv->btv", h_BTD.astype(dtype), head_DV.astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+
+        logits = logits_of(hidden_BTD) if return_logits else None
+        aux_loss, expert_load = _moe_statistics(c, stats)
+
+        mtp_logits = None
+        if c.mtp_num_hidden_layers and (return_mtp or self.is_initializing()):
+            next_ids_BT = jnp.concatenate(
+                [input_ids_BT[:, 1:], jnp.zeros_like(input_ids_BT[:, :1])], axis=1
+            )
+            next_embed_BTD = jnp.take(embed_VD, next_ids_BT, axis=0).astype(dtype)
+            mtp_hidden_BTD, _ = MTPHead(c, **kw, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
+            mtp_logits = logits_of(mtp_hidden_BTD)
+        return ModelOutput(logits, hidden_BTD, aux_loss, expert_load, mtp_logits)
+
+
+def _moe_statistics(c, stats: list[dict]) -> tuple[jax.Array, jax.Array | None]:
+    """Pool per-layer router statistics (in layer order) into the HF-style aux loss."""
+    if not c.is_moe:
+        return jnp.zeros((), jnp.float32), None
+    per_layer = []  # each entry: dict of arrays with a leading layer axis
+    for s in stats:
+        if "tail" in s:
+            per_layer.append(s["tail"])
+            continue
+        full = jax.tree.map(lambda a: a[:, None], s["full"])  # [nb, 1, ...]
+        if "linear" in s:
+            full = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), s["linear"], full)
+        per_layer.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), full))
+    layers = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *per_layer)
+    counts_LE, probs_LE, tokens_L = (
+        layers["expert_counts"], layers["router_prob_sum"], layers["num_tokens"]
+    )
+    total = jnp.maximum(jnp.sum(tokens_L), 1.0)
+    aux = c.num_experts * jnp.sum((counts_LE.sum(0) / total) * (probs_LE.sum(0) / total))
+    load_LE = counts_LE / jnp.maximum(tokens_L, 1.0)[:, None]
+    return aux, load_LE
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def _model(config: Qwen35Config) -> Qwen35TextModel:
+    return Qwen35TextModel(config)
+
+
+def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
+    ids_BT = jnp.zeros((1, 8), jnp.int32)
+    return ids_BT, jnp.ones_like(ids_BT), jnp.broadcast_to(jnp.arange(8), (1, 8))
+
+
+def abstract_params(config: Qwen35Config):
+    """Shapes and dtypes of the parameters as `nn.Partitioned` boxes (logical axis names).
+
+    No FLOPs and no memory: `jax.eval_shape` of init. Feed it to
+    `sharding.logical_to_mesh_sharding` to get the parameter shardings.
+    """
+    ids, seg, pos = _dummy_inputs()
+    variables = jax.eval_shape(
+        lambda rng: _model(config).init(rng, ids, seg, pos, return_logits=False),
+        jax.random.key(0),
+    )
+    return variables["params"]
+
+
+def init_params(config: Qwen35Config, rng: jax.Array) -> dict:
+    """Random parameters: a plain nested dict of arrays (float32 unless `param_dtype` says)."""
+    ids, seg, pos = _dummy_inputs()
+
+    @jax.jit
+    def init(rng):
+        variables = _model(config).init(rng, ids, seg, pos, return_logits=False)
+        return nn.meta.unbox(variables["params"])
+
+    return init(rng)
+
+
+def apply(
+    config: Qwen35Config,
+    params: dict,
+    input_ids: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    return_logits: bool = True,
+    return_mtp: bool = False,
+) -> ModelOutput:
+    """The full model: logits, final hidden states, MoE aux loss and expert load, MTP logits.
+
+    input_ids [B, T] int. attention_mask [B, T] (Hugging Face: 1 token, 0 padding).
+    segment_ids [B, T] int: packed documents, 0 = padding. positions [B, T] or [3, B, T]
+    (multimodal); default: arange(T), or restarting per document when segment_ids is given.
+    """
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if segment_ids is None:
+        segment_ids_BT = jnp.ones_like(input_ids, dtype=jnp.int32)
+        default_positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    else:
+        segment_ids_BT = jnp.asarray(segment_ids, jnp.int32)
+        default_positions = document_positions(segment_ids_BT)
+    if attention_mask is not None:
+        segment_ids_BT = jnp.where(jnp.asarray(attention_mask) != 0, segment_ids_BT, 0)
+    for name, arr in (("segment_ids", segment_ids_BT), ("attention_mask", attention_mask)):
+        if arr is not None and jnp.shape(arr) != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {input_ids.shape}")
+    positions = default_positions if positions is None else jnp.asarray(positions)
+    if positions.shape[-2:] != input_ids.shape or positions.ndim not in (2, 3):
+        raise ValueError(
+            f"positions must be [B, T] or [3, B, T] with [B, T] = {input_ids.shape}, "
+            f"got {positions.shape}"
+        )
+    return _model(config).apply(
+        {"params": params},
+        input_ids,
+        segment_ids_BT,
+        positions,
+        return_logits=return_logits,
+        return_mtp=return_mtp,
+    )
+
+
+def forward(
+    config: Qwen35Config,
+    params: dict,
+    input_ids: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+    """Logits [B, T, vocab] (float32). See `apply` for the arguments."""
+    return apply(
+        config,
+        params,
+        input_ids,
+        attention_mask=attention_mask,
+        segment_ids=segment_ids,
+        positions=positions,
+    ).logits

@@ -1,0 +1,53 @@
+"""Multi-token prediction (MTP) head.
+
+For position t, with the main model's final (post-norm) hidden state h_t and the embedding of
+the next token:
+    x_t = fc(concat(pre_fc_norm_embedding(embed(token_{t+1})), pre_fc_norm_hidden(h_t)))
+    x   = decoder_layer_i(x) for each of the `mtp_num_hidden_layers` full-attention layers
+    out = norm(x);  logits = lm_head(out)  ->  predicts token t+2
+The embedding table and LM head are the main model's. Training adds lambda * CE(token t+2).
+
+Parameter names (ours -> Hugging Face `mtp.*`):
+    fc [2D, D] <- fc.weight [D, 2D];   pre_fc_norm_embedding/scale, pre_fc_norm_hidden/scale,
+    norm/scale <- *.weight;            layers_{i}/... <- layers.{i}.* (a full-attention layer)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from qwen35_jax.config import TextConfig
+from qwen35_jax.layers.decoder import FULL, DecoderLayer, LayerContext
+from qwen35_jax.layers.norms import RMSNorm
+
+
+class MTPHead(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, h_BTD: jax.Array, next_embed_BTD: jax.Array, ctx: LayerContext
+    ) -> tuple[jax.Array, list[dict]]:
+        c = self.config
+        d, eps = c.hidden_size, c.rms_norm_eps
+        fc = self.param(
+            "fc",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("mlp", "embed")),
+            (2 * d, d),
+            self.param_dtype,
+        )
+        e_BTD = RMSNorm(eps, self.param_dtype, name="pre_fc_norm_embedding")(next_embed_BTD)
+        h_BTD = RMSNorm(eps, self.param_dtype, name="pre_fc_norm_hidden")(h_BTD)
+        x_BTD = jnp.concatenate([e_BTD, h_BTD], axis=-1).astype(self.dtype) @ fc.astype(self.dtype)
+        stats = []
+        for i in range(c.mtp_num_hidden_layers):
+            layer = DecoderLayer(
+                c, FULL, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}"
+            )
+            x_BTD, layer_stats = layer(x_BTD, ctx)
+            stats.append(layer_stats)
+        return RMSNorm(eps, self.param_dtype, name="norm")(x_BTD), stats
