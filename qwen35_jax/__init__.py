@@ -19,7 +19,14 @@ Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`):
     M routed rows (tokens x k)               W conv width          P patches
 """
 
-from qwen35_jax.config import PRESETS, ConfigError, Qwen35Config, TextConfig, VisionConfig, get_config
+from qwen35_jax.config import (
+    PRESETS,
+    ConfigError,
+    Qwen35Config,
+    TextConfig,
+    VisionConfig,
+    get_config,
+)
 from qwen35_jax.convert.hf import CheckpointError, load_hf
 from qwen35_jax.model import ModelOutput, abstract_params, apply, forward, init_params
 

@@ -95,7 +95,9 @@ class Qwen35TextModel(nn.Module):
             positions, rotary_dim, rope.rope_theta, rope.mrope_section, rope.mrope_interleaved
         )
         valid_BT = segment_ids_BT != 0
-        ctx = LayerContext(segment_ids_BT, cos_BTR, sin_BTR, attention_mask(segment_ids_BT), valid_BT)
+        ctx = LayerContext(
+            segment_ids_BT, cos_BTR, sin_BTR, attention_mask(segment_ids_BT), valid_BT
+        )
 
         stats = []
         if c.num_blocks:
@@ -124,7 +126,9 @@ class Qwen35TextModel(nn.Module):
 
         def logits_of(h_BTD):
             return jnp.einsum(
-                "btd,dv->btv", h_BTD.astype(dtype), head_DV.astype(dtype),
+                "btd,dv->btv",
+                h_BTD.astype(dtype),
+                head_DV.astype(dtype),
                 preferred_element_type=jnp.float32,
             )
 
@@ -157,7 +161,9 @@ def _moe_statistics(c, stats: list[dict]) -> tuple[jax.Array, jax.Array | None]:
         per_layer.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), full))
     layers = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *per_layer)
     counts_LE, probs_LE, tokens_L = (
-        layers["expert_counts"], layers["router_prob_sum"], layers["num_tokens"]
+        layers["expert_counts"],
+        layers["router_prob_sum"],
+        layers["num_tokens"],
     )
     total = jnp.maximum(jnp.sum(tokens_L), 1.0)
     aux = c.num_experts * jnp.sum((counts_LE.sum(0) / total) * (probs_LE.sum(0) / total))

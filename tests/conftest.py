@@ -19,4 +19,6 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def pytest_sessionstart(session):
     n = jax.device_count()
     if n != 8:
-        raise RuntimeError(f"tests need 8 simulated CPU devices, found {n}: XLA_FLAGS was overridden")
+        raise RuntimeError(
+            f"tests need 8 simulated CPU devices, found {n}: XLA_FLAGS was overridden"
+        )

@@ -30,8 +30,12 @@ BASE = dict(
     intermediate_size=48,
     rms_norm_eps=1e-6,
 )
-MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
-           shared_expert_intermediate_size=24)
+MOE = dict(
+    num_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=24,
+)
 
 
 def build(moe: bool = False, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -59,9 +63,7 @@ def save(model: torch.nn.Module, path) -> str:
 
 def logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     with torch.no_grad():
-        out = model(
-            torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask)
-        )
+        out = model(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask))
     return out.logits.numpy()
 
 

@@ -19,13 +19,21 @@ CASES = {
     # name: (moe, overrides, T)
     "dense-tied-block+tail": (False, dict(tie_word_embeddings=True), 70),
     "dense-untied-interval2": (
-        False, dict(num_hidden_layers=8, full_attention_interval=2, tie_word_embeddings=False), 67,
+        False,
+        dict(num_hidden_layers=8, full_attention_interval=2, tie_word_embeddings=False),
+        67,
     ),
     "dense-kv-equal-heads": (
         False,
-        dict(num_hidden_layers=4, linear_num_key_heads=3, linear_num_value_heads=3,
-             linear_key_head_dim=16, linear_value_head_dim=8, num_attention_heads=6,
-             num_key_value_heads=3),
+        dict(
+            num_hidden_layers=4,
+            linear_num_key_heads=3,
+            linear_num_value_heads=3,
+            linear_key_head_dim=16,
+            linear_value_head_dim=8,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+        ),
         33,
     ),
     "moe-untied": (True, dict(num_hidden_layers=8), 70),

@@ -106,8 +106,12 @@ def load_hf(
     shapes = nn.meta.unbox(abstract_params(config))
     leaves = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np_dtype), shapes)
 
-    problems: dict[str, list[str]] = {"missing": [], "unexpected": [], "wrong shape": [],
-                                      "unreadable": []}
+    problems: dict[str, list[str]] = {
+        "missing": [],
+        "unexpected": [],
+        "wrong shape": [],
+        "unreadable": [],
+    }
     seen: set[str] = set()
     skipped_vision = 0
     optional = set() if not config.text_config.tie_word_embeddings else {"lm_head.weight"}
@@ -122,9 +126,8 @@ def load_hf(
                     problems["unexpected"].append(f"{key} (in {os.path.basename(fname)})")
                 continue
             if st.shape(key) != rule.shape:
-                problems["wrong shape"].append(
-                    f"{key}: expected {rule.shape}, found {st.shape(key)} in {os.path.basename(fname)}"
-                )
+                found = f"found {st.shape(key)} in {os.path.basename(fname)}"
+                problems["wrong shape"].append(f"{key}: expected {rule.shape}, {found}")
                 continue
             try:
                 tensor = st.get(key)

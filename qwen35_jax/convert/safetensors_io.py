@@ -8,6 +8,7 @@ checks that the tensor's bytes lie inside the file, so a truncated shard is repo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -88,10 +89,8 @@ class SafetensorsFile:
 
     def close(self) -> None:
         if self._mmap is not None:
-            try:
+            with contextlib.suppress(BufferError):  # an array still views the map
                 self._mmap.close()
-            except BufferError:  # an array still views the map; it closes when collected
-                pass
             self._mmap = None
 
 

@@ -95,7 +95,9 @@ class GatedAttention(nn.Module):
         k_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, wk)
         v_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, wv)
         if c.attention_bias:
-            qg_BTNH2 = qg_BTNH2 + self._bias("q_bias", (n, 2 * h), ("heads", "head_dim"))[None, None]
+            qg_BTNH2 = (
+                qg_BTNH2 + self._bias("q_bias", (n, 2 * h), ("heads", "head_dim"))[None, None]
+            )
             k_BTGH = k_BTGH + self._bias("k_bias", (g, h), ("kv_heads", "head_dim"))[None, None]
             v_BTGH = v_BTGH + self._bias("v_bias", (g, h), ("kv_heads", "head_dim"))[None, None]
         q_BTNH, gate_BTNH = qg_BTNH2[..., :h], qg_BTNH2[..., h:]

@@ -61,7 +61,9 @@ class DecoderLayer(nn.Module):
                 h_BTD, ctx.segment_ids_BT
             )
         else:
-            h_BTD = GatedAttention(c, **kw, name="self_attn")(h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask)
+            h_BTD = GatedAttention(c, **kw, name="self_attn")(
+                h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask
+            )
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
 
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_BTD)

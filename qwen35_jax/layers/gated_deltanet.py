@@ -103,9 +103,15 @@ class GatedDeltaNet(nn.Module):
 
         # padding positions are zeroed first, as the reference does
         x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(self.dtype)
-        q_BTJK = jax.nn.silu(causal_conv(jnp.einsum("btd,djk->btjk", x_BTD, wq), cq, segment_ids_BT))
-        k_BTJK = jax.nn.silu(causal_conv(jnp.einsum("btd,djk->btjk", x_BTD, wk), ck, segment_ids_BT))
-        v_BTHV = jax.nn.silu(causal_conv(jnp.einsum("btd,dhv->bthv", x_BTD, wv), cv, segment_ids_BT))
+        q_BTJK = jax.nn.silu(
+            causal_conv(jnp.einsum("btd,djk->btjk", x_BTD, wq), cq, segment_ids_BT)
+        )
+        k_BTJK = jax.nn.silu(
+            causal_conv(jnp.einsum("btd,djk->btjk", x_BTD, wk), ck, segment_ids_BT)
+        )
+        v_BTHV = jax.nn.silu(
+            causal_conv(jnp.einsum("btd,dhv->bthv", x_BTD, wv), cv, segment_ids_BT)
+        )
         z_BTHV = jnp.einsum("btd,dhv->bthv", x_BTD, wz)
         b_BTH = jnp.einsum("btd,dh->bth", x_BTD, wb)
         a_BTH = jnp.einsum("btd,dh->bth", x_BTD, wa)
@@ -119,9 +125,13 @@ class GatedDeltaNet(nn.Module):
         k_BTHK = jnp.repeat(l2_normalize(k_BTJK), rep, axis=2).astype(self.dtype)
 
         o_BTHV = gated_delta_rule(
-            q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH,
-            segment_ids=segment_ids_BT, chunk_size=self.chunk_size,
+            q_BTHK,
+            k_BTHK,
+            v_BTHV,
+            g_BTH,
+            beta_BTH,
+            segment_ids=segment_ids_BT,
+            chunk_size=self.chunk_size,
         )
         o_BTHV = GatedRMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(o_BTHV, z_BTHV)
         return jnp.einsum("bthv,hvd->btd", o_BTHV.astype(self.dtype), wo)
-

@@ -76,7 +76,7 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array) -> tuple[jax.Array, dict]:
         c = self.config
-        d, e, i = c.hidden_size, c.num_experts, c.moe_intermediate_size
+        d, e = c.hidden_size, c.num_experts
         b, t, _ = x_BTD.shape
 
         def param(name, shape, axes, init=KERNEL_INIT):
@@ -84,7 +84,9 @@ class MoE(nn.Module):
             return w.astype(self.dtype)
 
         router_DE = self.param(
-            "gate", nn.with_logical_partitioning(KERNEL_INIT, ("embed", "router")), (d, e),
+            "gate",
+            nn.with_logical_partitioning(KERNEL_INIT, ("embed", "router")),
+            (d, e),
             self.param_dtype,
         )
         experts = _Experts(c, self.dtype, self.param_dtype, name="experts")
