@@ -52,8 +52,12 @@ class ConfigError(ValueError):
     expected."""
 
 
-_SCALARS = {bool: ((bool,), "a bool"), int: ((numbers.Integral,), "an int"),
-            float: ((numbers.Real,), "a finite number"), str: ((str,), "a str")}
+_SCALARS = {
+    bool: ((bool,), "a bool"),
+    int: ((numbers.Integral,), "an int"),
+    float: ((numbers.Real,), "a finite number"),
+    str: ((str,), "a str"),
+}
 
 
 def _coerce(path: str, value: Any, tp: Any) -> Any:
@@ -132,8 +136,10 @@ class RopeParameters:
     def __post_init__(self) -> None:
         p = "text_config.rope_parameters."
         _normalise(self, p)
-        _check(self.rope_type == "default",
-               f"{p}rope_type={self.rope_type!r} is not supported; expected 'default'")
+        _check(
+            self.rope_type == "default",
+            f"{p}rope_type={self.rope_type!r} is not supported; expected 'default'",
+        )
         _positive(self, p, ["rope_theta"])
         prf = self.partial_rotary_factor
         _check(0.0 < prf <= 1.0, f"{p}partial_rotary_factor={prf!r} must be in (0, 1]")
@@ -181,39 +187,77 @@ class TextConfig:
     def __post_init__(self) -> None:
         p = "text_config."
         _normalise(self, p)
-        _positive(self, p, [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-            "rms_norm_eps", "full_attention_interval", "linear_conv_kernel_dim",
-            "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
-            "linear_num_value_heads"])
-        for a, b in [("num_attention_heads", "num_key_value_heads"),
-                     ("linear_num_value_heads", "linear_num_key_heads")]:
+        _positive(
+            self,
+            p,
+            [
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "rms_norm_eps",
+                "full_attention_interval",
+                "linear_conv_kernel_dim",
+                "linear_key_head_dim",
+                "linear_value_head_dim",
+                "linear_num_key_heads",
+                "linear_num_value_heads",
+            ],
+        )
+        for a, b in [
+            ("num_attention_heads", "num_key_value_heads"),
+            ("linear_num_value_heads", "linear_num_key_heads"),
+        ]:
             va, vb = getattr(self, a), getattr(self, b)
             _check(va % vb == 0, f"{p}{a}={va} must be divisible by {p}{b}={vb}")
-        _check(self.full_attention_interval <= self.num_hidden_layers,
-               f"{p}full_attention_interval={self.full_attention_interval} must be <= "
-               f"{p}num_hidden_layers={self.num_hidden_layers}")
+        _check(
+            self.full_attention_interval <= self.num_hidden_layers,
+            f"{p}full_attention_interval={self.full_attention_interval} must be <= "
+            f"{p}num_hidden_layers={self.num_hidden_layers}",
+        )
         _check(self.hidden_act == "silu", f"{p}hidden_act={self.hidden_act!r} must be 'silu'")
         prf = self.rope_parameters.partial_rotary_factor
         rot = self.head_dim * prf
-        _check(rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
-               f"{p}head_dim={self.head_dim} * {p}rope_parameters.partial_rotary_factor={prf} "
-               f"= {rot} must be a positive even integer (the rotary dim)")
-        _nonneg(self, p, ["num_experts", "router_aux_loss_coef", "mtp_num_hidden_layers",
-                          "pad_token_id", "bos_token_id", "eos_token_id"])
+        _check(
+            rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
+            f"{p}head_dim={self.head_dim} * {p}rope_parameters.partial_rotary_factor={prf} "
+            f"= {rot} must be a positive even integer (the rotary dim)",
+        )
+        _nonneg(
+            self,
+            p,
+            [
+                "num_experts",
+                "router_aux_loss_coef",
+                "mtp_num_hidden_layers",
+                "pad_token_id",
+                "bos_token_id",
+                "eos_token_id",
+            ],
+        )
         if self.num_experts > 0:
             k = self.num_experts_per_tok
-            _check(1 <= k <= self.num_experts, f"{p}num_experts_per_tok={k} must be in "
-                   f"[1, {p}num_experts={self.num_experts}]")
+            _check(
+                1 <= k <= self.num_experts,
+                f"{p}num_experts_per_tok={k} must be in [1, {p}num_experts={self.num_experts}]",
+            )
             _positive(self, p, ["moe_intermediate_size", "shared_expert_intermediate_size"])
         else:
             for name in _DENSE_ZERO:
-                _check(getattr(self, name) == 0, f"{p}{name}={getattr(self, name)} must be 0 "
-                       f"for a dense model ({p}num_experts=0)")
-        _check(not self.mtp_use_dedicated_embeddings,
-               f"{p}mtp_use_dedicated_embeddings=True is not supported (expected False: the MTP "
-               "head shares the main model's embedding)")
+                _check(
+                    getattr(self, name) == 0,
+                    f"{p}{name}={getattr(self, name)} must be 0 "
+                    f"for a dense model ({p}num_experts=0)",
+                )
+        _check(
+            not self.mtp_use_dedicated_embeddings,
+            f"{p}mtp_use_dedicated_embeddings=True is not supported (expected False: the MTP "
+            "head shares the main model's embedding)",
+        )
 
     @property
     def is_moe(self) -> bool:
@@ -222,8 +266,10 @@ class TextConfig:
     @property
     def layer_types(self) -> tuple[str, ...]:
         n = self.full_attention_interval
-        return tuple("linear_attention" if (i + 1) % n else "full_attention"
-                     for i in range(self.num_hidden_layers))
+        return tuple(
+            "linear_attention" if (i + 1) % n else "full_attention"
+            for i in range(self.num_hidden_layers)
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -255,33 +301,65 @@ class VisionConfig:
     def __post_init__(self) -> None:
         p = "vision_config."
         _normalise(self, p)
-        _positive(self, p, [
-            "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-            "spatial_merge_size", "temporal_patch_size", "out_hidden_size",
-            "num_position_embeddings"])
-        _check(self.hidden_size % self.num_heads == 0, f"{p}hidden_size={self.hidden_size} must "
-               f"be divisible by {p}num_heads={self.num_heads}")
+        _positive(
+            self,
+            p,
+            [
+                "depth",
+                "hidden_size",
+                "intermediate_size",
+                "num_heads",
+                "in_channels",
+                "patch_size",
+                "spatial_merge_size",
+                "temporal_patch_size",
+                "out_hidden_size",
+                "num_position_embeddings",
+            ],
+        )
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            f"{p}hidden_size={self.hidden_size} must be divisible by {p}num_heads={self.num_heads}",
+        )
         for i, d in enumerate(self.deepstack_visual_indexes):
-            _check(0 <= d < self.depth, f"{p}deepstack_visual_indexes[{i}]={d} must be in "
-                   f"[0, {p}depth={self.depth})")
+            _check(
+                0 <= d < self.depth,
+                f"{p}deepstack_visual_indexes[{i}]={d} must be in [0, {p}depth={self.depth})",
+            )
 
 
 _DTYPES = ("float32", "bfloat16")
 _REMAT = ("none", "full", "dots", "dots_no_batch")
 _TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 _MOE_KEYS = ("num_experts", *_DENSE_ZERO, "router_aux_loss_coef")
-_ROPE_KEYS = ("layer_types", "rope_parameters", "rope_scaling", "rope_theta",
-              "partial_rotary_factor")
+_ROPE_KEYS = (
+    "layer_types",
+    "rope_parameters",
+    "rope_scaling",
+    "rope_theta",
+    "partial_rotary_factor",
+)
 _SKIP = ("architectures", "model_type", "transformers_version")
 _HF_DEFAULTS = {  # transformers class defaults where they differ from ours (used by from_hf)
     False: {"max_position_embeddings": 32768},
-    True: {"max_position_embeddings": 32768, "hidden_size": 2048, "num_hidden_layers": 40,
-           "num_key_value_heads": 2, "num_experts": 256, "num_experts_per_tok": 8,
-           "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512},
+    True: {
+        "max_position_embeddings": 32768,
+        "hidden_size": 2048,
+        "num_hidden_layers": 40,
+        "num_key_value_heads": 2,
+        "num_experts": 256,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 512,
+        "shared_expert_intermediate_size": 512,
+    },
 }
 _HF_ROPE_THETA = 10_000.0  # transformers' default_theta
-_MODEL_TYPES = {"qwen3_5_text": False, "qwen3_5_moe_text": True, "qwen3_5": False,
-                "qwen3_5_moe": True}
+_MODEL_TYPES = {
+    "qwen3_5_text": False,
+    "qwen3_5_moe_text": True,
+    "qwen3_5": False,
+    "qwen3_5_moe": True,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,14 +382,21 @@ class Qwen35Config:
         _normalise(self, "")
         _nonneg(self, "", _TOKEN_IDS)
         for name in ("compute_dtype", "param_dtype"):
-            _check(getattr(self, name) in _DTYPES,
-                   f"{name}={getattr(self, name)!r} must be one of {_DTYPES}")
-        _check(self.remat_policy in _REMAT,
-               f"remat_policy={self.remat_policy!r} must be one of {_REMAT}")
+            _check(
+                getattr(self, name) in _DTYPES,
+                f"{name}={getattr(self, name)!r} must be one of {_DTYPES}",
+            )
+        _check(
+            self.remat_policy in _REMAT,
+            f"remat_policy={self.remat_policy!r} must be one of {_REMAT}",
+        )
         _check(self.gdn_chunk_size >= 1, f"gdn_chunk_size={self.gdn_chunk_size} must be >= 1")
         v, d = self.vision_config, self.text_config.hidden_size
-        _check(v is None or v.out_hidden_size == d, f"vision_config.out_hidden_size="
-               f"{v and v.out_hidden_size} must equal text_config.hidden_size={d}")
+        _check(
+            v is None or v.out_hidden_size == d,
+            f"vision_config.out_hidden_size="
+            f"{v and v.out_hidden_size} must equal text_config.hidden_size={d}",
+        )
         extra = tuple(sorted(self.extra))
         for i, (key, value) in enumerate(extra):
             _check(i == 0 or key != extra[i - 1][0], f"extra has the key {key!r} twice")
@@ -384,9 +469,14 @@ class Qwen35Config:
         vision["model_type"] = family + "_vision"
         _merge(text, extra, "text_config.")
         _merge(vision, extra, "vision_config.")
-        out = {"architectures": [arch + "ConditionalGeneration"], "model_type": family,
-               "text_config": text, "vision_config": vision, **ids,
-               "tie_word_embeddings": t.tie_word_embeddings}
+        out = {
+            "architectures": [arch + "ConditionalGeneration"],
+            "model_type": family,
+            "text_config": text,
+            "vision_config": vision,
+            **ids,
+            "tie_word_embeddings": t.tie_word_embeddings,
+        }
         _merge(out, extra, "")
         return out
 
@@ -414,8 +504,11 @@ def _build(cls: type, d: Any, prefix: str) -> Any:
     d = dict(_as_dict(d, prefix[:-1] or "config"))
     _unknown(d, {f.name for f in dataclasses.fields(cls)}, prefix)
     for name, value in d.items():
-        sub = [t for t in typing.get_args(_hints(cls)[name]) or [_hints(cls)[name]]
-               if dataclasses.is_dataclass(t)]
+        sub = [
+            t
+            for t in typing.get_args(_hints(cls)[name]) or [_hints(cls)[name]]
+            if dataclasses.is_dataclass(t)
+        ]
         if sub and isinstance(value, dict):
             d[name] = _build(sub[0], value, f"{prefix}{name}.")
     return cls(**d)
@@ -432,9 +525,9 @@ def _merge(target: dict[str, Any], extra: dict[str, Any], prefix: str) -> None:
     for key, value in extra.items():
         section = next((s for s in _SECTIONS if key.startswith(s)), "")
         if section == prefix:
-            target.setdefault(key[len(prefix):], value)
+            target.setdefault(key[len(prefix) :], value)
         elif section == "text_config.rope_parameters." and prefix == "text_config.":
-            target["rope_parameters"].setdefault(key[len(section):], value)
+            target["rope_parameters"].setdefault(key[len(section) :], value)
 
 
 def _text_to_hf(t: TextConfig) -> dict[str, Any]:
@@ -459,39 +552,51 @@ def _read_layer_types(text: dict[str, Any], n: Any) -> int | None:
         return None
     if not isinstance(lt, (list, tuple)) or not all(isinstance(x, str) for x in lt):
         raise ConfigError(f"{p}={lt!r} must be a list of layer type strings")
-    _check(len(lt) == n,
-           f"{p} has {len(lt)} entries but text_config.num_hidden_layers={n}")
+    _check(len(lt) == n, f"{p} has {len(lt)} entries but text_config.num_hidden_layers={n}")
     if "full_attention" not in lt:
-        raise ConfigError(f"{p}={lt!r} has no 'full_attention' layer; expected one every "
-                          "full_attention_interval layers")
+        raise ConfigError(
+            f"{p}={lt!r} has no 'full_attention' layer; expected one every "
+            "full_attention_interval layers"
+        )
     interval = lt.index("full_attention") + 1
     given = text.get("full_attention_interval", interval)
-    _check(given == interval, f"{p} puts the first full_attention layer at index {interval - 1}"
-           f" but text_config.full_attention_interval={given!r}")
+    _check(
+        given == interval,
+        f"{p} puts the first full_attention layer at index {interval - 1}"
+        f" but text_config.full_attention_interval={given!r}",
+    )
     for i, kind in enumerate(lt):
         want = "linear_attention" if (i + 1) % interval else "full_attention"
-        _check(kind == want, f"{p}[{i}]={kind!r} does not follow the full_attention_interval="
-               f"{interval} pattern (expected {want!r}; trailing layers must be linear_attention)")
+        _check(
+            kind == want,
+            f"{p}[{i}]={kind!r} does not follow the full_attention_interval="
+            f"{interval} pattern (expected {want!r}; trailing layers must be linear_attention)",
+        )
     return interval
 
 
 def _from_hf(d: dict[str, Any]) -> Qwen35Config:
     mt = d.get("model_type")
     if mt is not None and mt not in _MODEL_TYPES:
-        raise ConfigError(f"model_type={mt!r} is not a Qwen3.5 config; expected one of "
-                          f"{sorted(_MODEL_TYPES)}")
+        raise ConfigError(
+            f"model_type={mt!r} is not a Qwen3.5 config; expected one of {sorted(_MODEL_TYPES)}"
+        )
     nested = "text_config" in d or mt in ("qwen3_5", "qwen3_5_moe")
     text = _as_dict(d.get("text_config") or {}, "text_config") if nested else d
     tmt = text.get("model_type") if nested else mt
     if tmt is not None and tmt not in ("qwen3_5_text", "qwen3_5_moe_text"):
-        raise ConfigError(f"text_config.model_type={tmt!r} must be 'qwen3_5_text' or "
-                          "'qwen3_5_moe_text'")
+        raise ConfigError(
+            f"text_config.model_type={tmt!r} must be 'qwen3_5_text' or 'qwen3_5_moe_text'"
+        )
     kinds = {_MODEL_TYPES[m] for m in (mt, tmt) if m is not None}
     _check(len(kinds) <= 1, f"model_type={mt!r} and text_config.model_type={tmt!r} disagree")
     n_exp = text.get("num_experts")
     moe = kinds.pop() if kinds else bool(n_exp)
-    _check(moe or not n_exp, f"text_config.num_experts={n_exp!r} in a dense config "
-           f"(model_type={tmt or mt!r}); expected 0 or absent")
+    _check(
+        moe or not n_exp,
+        f"text_config.num_experts={n_exp!r} in a dense config "
+        f"(model_type={tmt or mt!r}); expected 0 or absent",
+    )
     extra: dict[str, Any] = {}
 
     # text
@@ -501,8 +606,9 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
     if not moe:
         modelled -= set(_DENSE_ZERO)
     kw = {k: text.get(k, defaults[k]) for k in modelled}
-    consumed = modelled | set(_ROPE_KEYS) | set(_SKIP) | set(_MOE_KEYS) | {
-        "full_attention_interval"}
+    consumed = (
+        modelled | set(_ROPE_KEYS) | set(_SKIP) | set(_MOE_KEYS) | {"full_attention_interval"}
+    )
     if not nested:
         consumed |= set(_TOKEN_IDS)
     interval = _read_layer_types(text, kw["num_hidden_layers"])
@@ -513,20 +619,28 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
     kw["rope_parameters"] = RopeParameters(
         rope_type="default" if rope_type == "mrope" else rope_type,
         rope_theta=rope.get("rope_theta", text.get("rope_theta", _HF_ROPE_THETA)),
-        partial_rotary_factor=rope.get("partial_rotary_factor",
-                                       text.get("partial_rotary_factor", 0.25)),
+        partial_rotary_factor=rope.get(
+            "partial_rotary_factor", text.get("partial_rotary_factor", 0.25)
+        ),
         mrope_section=rope.get("mrope_section", RopeParameters.mrope_section),
-        mrope_interleaved=rope.get("mrope_interleaved", True))
+        mrope_interleaved=rope.get("mrope_interleaved", True),
+    )
     rope_fields = {f.name for f in dataclasses.fields(RopeParameters)} | {"type"}
-    extra.update({f"text_config.rope_parameters.{k}": v for k, v in rope.items()
-                  if k not in rope_fields})
+    extra.update(
+        {f"text_config.rope_parameters.{k}": v for k, v in rope.items() if k not in rope_fields}
+    )
     eos = kw["eos_token_id"]
     if isinstance(eos, list) and len(eos) == 1:
         kw["eos_token_id"] = eos[0]
     if nested and "tie_word_embeddings" in d:
         kw["tie_word_embeddings"] = d["tie_word_embeddings"]
-    extra.update({f"text_config.{k}": v for k, v in text.items()
-                  if k not in consumed and not k.startswith("_")})
+    extra.update(
+        {
+            f"text_config.{k}": v
+            for k, v in text.items()
+            if k not in consumed and not k.startswith("_")
+        }
+    )
 
     # vision and top level
     top: dict[str, Any] = {k: d.get(k, _FIELD_DEFAULTS[k]) for k in _TOKEN_IDS}
@@ -536,41 +650,80 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
         vd = {} if vd is None else _as_dict(vd, "vision_config")
         vfields = {f.name for f in dataclasses.fields(VisionConfig)}
         vision = VisionConfig(**{k: v for k, v in vd.items() if k in vfields})
-        extra.update({f"vision_config.{k}": v for k, v in vd.items()
-                      if k not in vfields and k != "model_type" and not k.startswith("_")})
-        top_consumed = set(_SKIP) | set(_TOKEN_IDS) | {
-            "text_config", "vision_config", "tie_word_embeddings"}
-        extra.update({k: v for k, v in d.items()
-                      if k not in top_consumed and not k.startswith("_")})
+        extra.update(
+            {
+                f"vision_config.{k}": v
+                for k, v in vd.items()
+                if k not in vfields and k != "model_type" and not k.startswith("_")
+            }
+        )
+        top_consumed = (
+            set(_SKIP) | set(_TOKEN_IDS) | {"text_config", "vision_config", "tie_word_embeddings"}
+        )
+        extra.update(
+            {k: v for k, v in d.items() if k not in top_consumed and not k.startswith("_")}
+        )
     ex = tuple((k, json.dumps(v, sort_keys=True)) for k, v in extra.items())
     return Qwen35Config(text_config=TextConfig(**kw), vision_config=vision, extra=ex, **top)
 
 
 # ---- presets ----
-def _real(d: int, layers: int, heads: tuple[int, int], gdn_v: int, vision: tuple[int, ...],
-          ffn: int = 12288, moe: tuple[int, int, int] | None = None,
-          tied: bool = False) -> Qwen35Config:
+def _real(
+    d: int,
+    layers: int,
+    heads: tuple[int, int],
+    gdn_v: int,
+    vision: tuple[int, ...],
+    ffn: int = 12288,
+    moe: tuple[int, int, int] | None = None,
+    tied: bool = False,
+) -> Qwen35Config:
     m = {}
     if moe:
         e, k, w = moe
-        m = dict(num_experts=e, num_experts_per_tok=k, moe_intermediate_size=w,
-                 shared_expert_intermediate_size=w)
-    text = TextConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads[0], num_key_value_heads=heads[1],
-                      linear_num_key_heads=16, linear_num_value_heads=gdn_v,
-                      tie_word_embeddings=tied, mtp_num_hidden_layers=1, eos_token_id=248044, **m)
+        m = dict(
+            num_experts=e,
+            num_experts_per_tok=k,
+            moe_intermediate_size=w,
+            shared_expert_intermediate_size=w,
+        )
+    text = TextConfig(
+        hidden_size=d,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads[0],
+        num_key_value_heads=heads[1],
+        linear_num_key_heads=16,
+        linear_num_value_heads=gdn_v,
+        tie_word_embeddings=tied,
+        mtp_num_hidden_layers=1,
+        eos_token_id=248044,
+        **m,
+    )
     depth, width, mlp, nh = vision
-    vis = VisionConfig(depth=depth, hidden_size=width, intermediate_size=mlp, num_heads=nh,
-                       out_hidden_size=d)
+    vis = VisionConfig(
+        depth=depth, hidden_size=width, intermediate_size=mlp, num_heads=nh, out_hidden_size=d
+    )
     return Qwen35Config(text_config=text, vision_config=vis)
 
 
 _V_SMALL, _V_MID, _V_BIG = (12, 768, 3072, 12), (24, 1024, 4096, 16), (27, 1152, 4304, 16)
-_TINY = TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-                   linear_value_head_dim=24, tie_word_embeddings=True, mtp_num_hidden_layers=1,
-                   rope_parameters=RopeParameters(rope_theta=10_000.0))
+_TINY = TextConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=24,
+    tie_word_embeddings=True,
+    mtp_num_hidden_layers=1,
+    rope_parameters=RopeParameters(rope_theta=10_000.0),
+)
 # MoE presets keep the default intermediate_size: the released MoE configs do not carry one.
 _PRESETS: dict[str, Qwen35Config] = {
     "qwen3.5-0.8b": _real(1024, 24, (8, 2), 16, _V_SMALL, ffn=3584, tied=True),
@@ -582,16 +735,35 @@ _PRESETS: dict[str, Qwen35Config] = {
     "qwen3.5-122b-a10b": _real(3072, 48, (32, 2), 64, _V_BIG, moe=(256, 8, 1024)),
     "qwen3.5-397b-a17b": _real(4096, 60, (32, 2), 64, _V_BIG, moe=(512, 10, 1024)),
     "tiny": Qwen35Config(text_config=_TINY),
-    "tiny-moe": Qwen35Config(text_config=dataclasses.replace(
-        _TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, tie_word_embeddings=False)),
+    "tiny-moe": Qwen35Config(
+        text_config=dataclasses.replace(
+            _TINY,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            tie_word_embeddings=False,
+        )
+    ),
     # vision token ids moved inside the 512-token vocabulary so they can be embedded
     "tiny-vl": Qwen35Config(
-        text_config=_TINY, vision_start_token_id=508, vision_end_token_id=509,
-        image_token_id=510, video_token_id=511,
-        vision_config=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                                   out_hidden_size=64, patch_size=16, temporal_patch_size=2,
-                                   spatial_merge_size=2, num_position_embeddings=64)),
+        text_config=_TINY,
+        vision_start_token_id=508,
+        vision_end_token_id=509,
+        image_token_id=510,
+        video_token_id=511,
+        vision_config=VisionConfig(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=16,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            num_position_embeddings=64,
+        ),
+    ),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 
