@@ -20,15 +20,14 @@ Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`):
 """
 
 from qwen35_jax.config import (
-    PRESETS,
     ConfigError,
     Qwen35Config,
     TextConfig,
     VisionConfig,
-    get_config,
 )
 from qwen35_jax.convert.hf import CheckpointError, load_hf
 from qwen35_jax.model import ModelOutput, abstract_params, apply, forward, init_params
+from qwen35_jax.presets import PRESETS, get_config
 
 __all__ = [
     "PRESETS",

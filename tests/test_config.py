@@ -8,14 +8,13 @@ import pytest
 import transformers
 
 from qwen35_jax.config import (
-    PRESETS,
     ConfigError,
     Qwen35Config,
     RopeParameters,
     TextConfig,
     VisionConfig,
-    get_config,
 )
+from qwen35_jax.presets import PRESETS, get_config
 
 REAL = (
     "qwen3.5-0.8b",
