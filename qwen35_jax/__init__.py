@@ -5,10 +5,14 @@ Public API (stable; later modules and the tests use exactly these names):
     init_params(config, rng) -> params                 a plain nested dict of arrays
     load_hf(path, dtype=jnp.float32) -> (config, params)
     forward(config, params, input_ids, *, attention_mask=None, segment_ids=None,
-            positions=None) -> logits [B, T, vocab]
+            positions=None, pixel_values=None, image_grid_thw=None,
+            pixel_values_videos=None, video_grid_thw=None) -> logits [B, T, vocab]
     apply(config, params, input_ids, ...) -> ModelOutput(logits, hidden, aux_loss,
             expert_load, mtp_logits)                   what training needs
     abstract_params(config) -> shapes with logical axis names (jax.eval_shape, no FLOPs)
+    process_images(images, **kw), process_videos(videos, **kw) -> pixel arrays and grids
+    expand_placeholders(input_ids, image_grid_thw=..., video_grid_thw=..., ...) -> input ids
+    rope_index(config, input_ids, image_grid_thw, video_grid_thw, ...) -> positions [3, B, T]
 
 Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`):
     B batch           T time (sequence)      S key/source time     D model width (hidden_size)
@@ -27,7 +31,9 @@ from qwen35_jax.config import (
 )
 from qwen35_jax.convert.hf import CheckpointError, load_hf
 from qwen35_jax.model import ModelOutput, abstract_params, apply, forward, init_params
+from qwen35_jax.positions import rope_index
 from qwen35_jax.presets import PRESETS, get_config
+from qwen35_jax.processor import expand_placeholders, process_images, process_videos
 
 __all__ = [
     "PRESETS",
@@ -39,8 +45,12 @@ __all__ = [
     "VisionConfig",
     "abstract_params",
     "apply",
+    "expand_placeholders",
     "forward",
     "get_config",
     "init_params",
     "load_hf",
+    "process_images",
+    "process_videos",
+    "rope_index",
 ]

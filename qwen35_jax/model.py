@@ -6,6 +6,10 @@ Data flow (axis letters in `qwen35_jax/__init__.py`):
           -> scan over the num_tail_layers trailing GDN layers (when layers % interval != 0)
           -> norm -> hidden_BTD -> lm_head (or embed_tokens^T when tied) -> logits_BTV
     (optional) MTPHead(hidden_BTD, embed(input_ids shifted by one)) -> mtp logits (token t+2)
+Multimodal (early fusion, `fusion.py`; tower `vision.py`): pixels -> merged_MD; the k-th image
+placeholder token's embedding is replaced by row k of the image tokens, the k-th video
+placeholder's by row k of the video tokens (over the flattened batch, row after row); positions
+default to the 3-D rope index (`positions.py`). Without visual inputs the tower is skipped.
 
 Parameter tree (ours -> Hugging Face):
     embed_tokens [V, D]                     <- model.embed_tokens.weight
@@ -15,6 +19,8 @@ Parameter tree (ours -> Hugging Face):
     norm/scale [D]                          <- model.norm.weight
     lm_head [D, V]                          <- lm_head.weight [V, D]  (absent when tied)
     mtp/...                                 <- mtp.*   (see mtp.py)
+    visual/...                              <- model.visual.*   (see vision.py; when the
+                                               config has a vision_config)
 Compile time does not grow with depth: the stacks are nn.scan loops over stacked parameters.
 """
 
@@ -27,6 +33,13 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qwen35_jax.config import Qwen35Config
+from qwen35_jax.fusion import (
+    VisionInputs,
+    check_placeholder_counts,
+    dummy_vision,
+    scatter_visual,
+    vision_inputs,
+)
 from qwen35_jax.layers.attention import attention_mask
 from qwen35_jax.layers.decoder import (
     LINEAR,
@@ -38,6 +51,8 @@ from qwen35_jax.layers.decoder import (
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import rotary_cos_sin
 from qwen35_jax.mtp import MTPHead
+from qwen35_jax.positions import rope_index
+from qwen35_jax.vision import VisionTower, vision_rope_theta
 
 
 class ModelOutput(NamedTuple):
@@ -74,6 +89,7 @@ class Qwen35TextModel(nn.Module):
         positions: jax.Array,
         return_logits: bool = True,
         return_mtp: bool = False,
+        vision: VisionInputs | None = None,
     ) -> ModelOutput:
         cfg = self.config
         c = cfg.text_config
@@ -87,6 +103,14 @@ class Qwen35TextModel(nn.Module):
             param_dtype,
         )
         x_BTD = jnp.take(embed_VD, input_ids_BT, axis=0).astype(dtype)
+        if cfg.vision_config is not None and (vision is not None or self.is_initializing()):
+            tower = VisionTower(
+                cfg.vision_config, vision_rope_theta(cfg), cfg.remat_policy, **kw, name="visual"
+            )
+            if vision is None:  # init: build the tower's parameters on one dummy image
+                vision = dummy_vision(cfg)
+            merged_MD = tower(vision.pixels_PF.astype(dtype), vision.layout)
+            x_BTD = scatter_visual(cfg, x_BTD, input_ids_BT, merged_MD, vision)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "activation_embed"))
 
         rotary_dim = int(c.head_dim * c.rope_parameters.partial_rotary_factor)
@@ -219,12 +243,23 @@ def apply(
     positions: jax.Array | None = None,
     return_logits: bool = True,
     return_mtp: bool = False,
+    pixel_values: jax.Array | None = None,
+    image_grid_thw: jax.Array | None = None,
+    pixel_values_videos: jax.Array | None = None,
+    video_grid_thw: jax.Array | None = None,
 ) -> ModelOutput:
     """The full model: logits, final hidden states, MoE aux loss and expert load, MTP logits.
 
     input_ids [B, T] int. attention_mask [B, T] (Hugging Face: 1 token, 0 padding).
     segment_ids [B, T] int: packed documents, 0 = padding. positions [B, T] or [3, B, T]
-    (multimodal); default: arange(T), or restarting per document when segment_ids is given.
+    (multimodal); default: arange(T), or restarting per document when segment_ids is given;
+    with visual inputs, the 3-D rope index (`positions.rope_index`), also per document.
+    pixel_values [P, F] / image_grid_thw [n, 3] and pixel_values_videos / video_grid_thw as the
+    processor (`processor.py`) returns them: the image (video) placeholder tokens, in order over
+    the flattened batch, take the tower's outputs (Hugging Face semantics). The grids may be
+    traced values (shapes depend only on P), and a patch budget may be padded (zero patches,
+    zero grid rows). Per-row form for training: pixels [B, P_row, F] with grids [B, G_row, 3]
+    (row b's placeholders take row b's patches; see `fusion.py`).
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -240,6 +275,24 @@ def apply(
     for name, arr in (("segment_ids", segment_ids_BT), ("attention_mask", attention_mask)):
         if arr is not None and jnp.shape(arr) != input_ids.shape:
             raise ValueError(f"{name} must have the shape of input_ids {input_ids.shape}")
+    vision = vision_inputs(
+        config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+    )
+    if vision is not None:
+        check_placeholder_counts(
+            config,
+            input_ids,
+            image_grid_thw if vision.replace_images else None,
+            video_grid_thw if vision.replace_videos else None,
+        )
+        if positions is None:
+            default_positions = rope_index(
+                config,
+                input_ids,
+                image_grid_thw if vision.replace_images else None,
+                video_grid_thw if vision.replace_videos else None,
+                segment_ids=segment_ids_BT,
+            )
     positions = default_positions if positions is None else jnp.asarray(positions)
     if positions.shape[-2:] != input_ids.shape or positions.ndim not in (2, 3):
         raise ValueError(
@@ -253,6 +306,7 @@ def apply(
         positions,
         return_logits=return_logits,
         return_mtp=return_mtp,
+        vision=vision,
     )
 
 
@@ -264,6 +318,10 @@ def forward(
     attention_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     positions: jax.Array | None = None,
+    pixel_values: jax.Array | None = None,
+    image_grid_thw: jax.Array | None = None,
+    pixel_values_videos: jax.Array | None = None,
+    video_grid_thw: jax.Array | None = None,
 ) -> jax.Array:
     """Logits [B, T, vocab] (float32). See `apply` for the arguments."""
     return apply(
@@ -273,4 +331,8 @@ def forward(
         attention_mask=attention_mask,
         segment_ids=segment_ids,
         positions=positions,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        pixel_values_videos=pixel_values_videos,
+        video_grid_thw=video_grid_thw,
     ).logits

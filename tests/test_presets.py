@@ -11,7 +11,7 @@ import jax
 import pytest
 import torch
 from flax import linen as nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import qwen35_jax as q
 
@@ -38,14 +38,24 @@ def our_count(config) -> int:
 
 def reference_count(hf_dict: dict) -> int:
     hf_config = AutoConfig.for_model(**hf_dict)
+    # text-only configs build *ForCausalLM; multimodal ones *ForConditionalGeneration
+    auto = AutoModelForImageTextToText if "vision_config" in hf_dict else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+        model = auto.from_config(hf_config)
     return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", REAL)
 def test_text_parameter_count_equals_reference(name):
     config = q.get_config(name).replace(vision_config=None)
+    assert our_count(config) == reference_count(config.to_hf())
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_multimodal_parameter_count_equals_reference(name):
+    """Text + vision tower + merger = transformers' Qwen3_5(Moe)ForConditionalGeneration."""
+    config = q.get_config(name)
+    assert config.vision_config is not None
     assert our_count(config) == reference_count(config.to_hf())
 
 

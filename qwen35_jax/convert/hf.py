@@ -22,6 +22,7 @@ from flax import linen as nn
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.convert.hf_names import Rule, hf_rules
 from qwen35_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
+from qwen35_jax.convert.vision_names import detect_prefix
 from qwen35_jax.model import abstract_params
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,14 @@ def load_hf(
             raise CheckpointError(str(e)) from None
         all_keys += headers[fname].keys()
     multimodal, fused = detect_layout(all_keys)
+    # with a vision_config the tower is read too; without one its tensors are skipped
+    with_vision = config.vision_config is not None
+    vision_prefix = detect_prefix(all_keys) if with_vision else None
     rules: dict[str, Rule] = {
-        r.key: r for r in hf_rules(config, multimodal_prefix=multimodal, fused_experts=fused)
+        r.key: r
+        for r in hf_rules(
+            config, multimodal_prefix=multimodal, fused_experts=fused, vision_prefix=vision_prefix
+        )
     }
 
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -117,7 +124,7 @@ def load_hf(
     optional = set() if not config.text_config.tie_word_embeddings else {"lm_head.weight"}
     for fname, st in headers.items():
         for key in st.keys():
-            if key.startswith(VISION_PREFIXES):
+            if not with_vision and key.startswith(VISION_PREFIXES):
                 skipped_vision += 1
                 continue
             rule = rules.get(key)
@@ -145,6 +152,9 @@ def load_hf(
     if any(problems.values()):
         raise CheckpointError(_describe(problems, path))
     if skipped_vision:
-        log.warning("load_hf: skipped %d vision tensors (model.visual.*)", skipped_vision)
+        log.warning(
+            "load_hf: skipped %d vision tensors (model.visual.*): the config has no vision_config",
+            skipped_vision,
+        )
     params = jax.tree_util.tree_map(jnp.asarray, leaves)
     return config, params

@@ -275,9 +275,14 @@ def layer_rules(
 
 
 def hf_rules(
-    config: Qwen35Config, *, multimodal_prefix: bool, fused_experts: bool = False
+    config: Qwen35Config,
+    *,
+    multimodal_prefix: bool,
+    fused_experts: bool = False,
+    vision_prefix: str | None = None,
 ) -> list[Rule]:
-    """Every text and MTP tensor of a Hugging Face checkpoint of `config`."""
+    """Every text and MTP tensor of a Hugging Face checkpoint of `config`; with `vision_prefix`
+    (e.g. 'model.visual.') and a vision_config, the vision tower's too (`vision_names.py`)."""
     c = config.text_config
     d, v = c.hidden_size, c.vocab_size
     base = "model.language_model" if multimodal_prefix else "model"
@@ -319,4 +324,8 @@ def hf_rules(
             rules += layer_rules(
                 c, f"mtp.layers.{j}", ("mtp", f"layers_{j}"), (), "full_attention", fused_experts
             )
+    if vision_prefix is not None and config.vision_config is not None:
+        from qwen35_jax.convert.vision_names import vision_rules  # imports this module
+
+        rules += vision_rules(config.vision_config, vision_prefix)
     return rules
