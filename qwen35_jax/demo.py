@@ -4,8 +4,8 @@
 
 Prints the logits of the tiny hybrid model (3 Gated DeltaNet layers + 1 attention layer per
 block) for a short prompt, then the parameter count of every released preset, computed with
-`jax.eval_shape` (no memory, no FLOPs): text, vision tower (when implemented), MTP head, and for
-the MoE models the parameters active per token.
+`jax.eval_shape` (no memory, no FLOPs): text, vision tower, MTP head, and the parameters active
+per token (text; for the MoE models only the selected experts count).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def main() -> None:
     print(np.array2string(np.asarray(logits[0, -1, :6]), precision=4))
     print(f"greedy next tokens: {np.asarray(jnp.argmax(logits[0], -1)).tolist()}")
     print()
-    print("released presets (jax.eval_shape; 'total' excludes the MTP head):")
+    print("released presets (jax.eval_shape; 'total' = text + vision, without the MTP head;")
+    print("'active' = text parameters used per token):")
     print(preset_table())
 
 
