@@ -8,7 +8,10 @@
 
 Dispatch: the N*k (token, expert) pairs are sorted by expert so each expert's tokens are
 contiguous, the three expert matmuls are grouped matmuls (`jax.lax.ragged_dot`) over the sorted
-rows, and the weighted results are scattered back to their tokens.
+rows, and the weighted results are scattered back to their tokens. Under a mesh of several
+devices (`jax.set_mesh`) each device instead runs its own tokens (`moe_dispatch.py`), and with
+an `expert` axis the tokens travel to the devices that own their experts by all-to-all
+(dropless by default; an optional capacity factor drops and counts overflowing rows).
 
 Load-balancing statistics (Switch-style, as Hugging Face's `load_balancing_loss_func`): per layer
 the count of top-k assignments per expert and the sum of router probabilities per expert over
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qwen35_jax.config import TextConfig
+from qwen35_jax.layers import moe_dispatch
 from qwen35_jax.layers.mlp import MLP
 
 KERNEL_INIT = nn.initializers.normal(0.02)
@@ -69,9 +73,14 @@ def grouped_experts(
 
 
 class MoE(nn.Module):
+    """Router, routed experts and gated shared expert. `dispatch` / `capacity_factor`: see
+    `moe_dispatch` (None: the `moe_dispatch.options` in effect, by default auto and dropless)."""
+
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dispatch: str | None = None
+    capacity_factor: float | None = None
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array) -> tuple[jax.Array, dict]:
@@ -89,19 +98,24 @@ class MoE(nn.Module):
             (d, e),
             self.param_dtype,
         )
-        experts = _Experts(c, self.dtype, self.param_dtype, name="experts")
+        experts = _Experts(
+            c, self.dtype, self.param_dtype, self.dispatch, self.capacity_factor, name="experts"
+        )
         shared_gate_D = param("shared_expert_gate", (d,), ("embed",))
 
         x_BTD = x_BTD.astype(self.dtype)
         x_ND = x_BTD.reshape(b * t, d)
-        probs_NE, weights_Nk, experts_Nk = route(x_ND, router_DE, c.num_experts_per_tok)
-        routed_ND = experts(x_ND, weights_Nk, experts_Nk)
+        k = c.num_experts_per_tok
+        probs_NE, weights_Nk, experts_Nk = route(x_ND, router_DE, k)
+        routed_BTD, dropped = experts(
+            x_BTD, weights_Nk.reshape(b, t, k), experts_Nk.reshape(b, t, k), valid_BT
+        )
 
         shared_ND = MLP(
             d, c.shared_expert_intermediate_size, self.dtype, self.param_dtype, name="shared_expert"
         )(x_ND)
         shared_ND = shared_ND * jax.nn.sigmoid(x_ND @ shared_gate_D)[:, None]
-        y_BTD = (routed_ND + shared_ND).reshape(b, t, d)
+        y_BTD = routed_BTD + shared_ND.reshape(b, t, d)
 
         valid_N = valid_BT.reshape(b * t).astype(jnp.float32)
         counts_E = jnp.sum(
@@ -111,19 +125,22 @@ class MoE(nn.Module):
             "expert_counts": counts_E,
             "router_prob_sum": jnp.sum(probs_NE * valid_N[:, None], axis=0),
             "num_tokens": jnp.sum(valid_N),
+            "dropped_tokens": dropped,  # routed (token, expert) pairs dropped by capacity
         }
         return y_BTD, stats
 
 
 class _Experts(nn.Module):
-    """The routed experts' stacked weights and the grouped computation."""
+    """The routed experts' stacked weights and the grouped computation (local or all-to-all)."""
 
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dispatch: str | None = None
+    capacity_factor: float | None = None
 
     @nn.compact
-    def __call__(self, x_ND, weights_Nk, experts_Nk):
+    def __call__(self, x_BTD, weights_BTk, experts_BTk, valid_BT):
         c = self.config
         d, e, i = c.hidden_size, c.num_experts, c.moe_intermediate_size
 
@@ -136,4 +153,24 @@ class _Experts(nn.Module):
         wg = param("gate_proj", (e, d, i), ("experts", "embed", "mlp"))
         wu = param("up_proj", (e, d, i), ("experts", "embed", "mlp"))
         wd = param("down_proj", (e, i, d), ("experts", "mlp", "embed"))
-        return grouped_experts(x_ND, weights_Nk, experts_Nk, wg, wu, wd)
+        opts = moe_dispatch.current_options()
+        mode = opts.mode if self.dispatch is None else self.dispatch
+        cf = opts.capacity_factor if self.capacity_factor is None else self.capacity_factor
+        moe_dispatch.DispatchOptions(mode, cf)  # validates
+        b, t, k = experts_BTk.shape
+        layout = None
+        if not self.is_initializing():
+            layout = moe_dispatch.resolve_mode(mode, b, t, wg.shape, wd.shape)
+        if layout is None:
+            y_ND = grouped_experts(
+                x_BTD.reshape(b * t, d),
+                weights_BTk.reshape(b * t, k),
+                experts_BTk.reshape(b * t, k),
+                wg,
+                wu,
+                wd,
+            )
+            return y_ND.reshape(b, t, d), jnp.zeros((), jnp.float32)
+        return moe_dispatch.expert_parallel(
+            x_BTD, weights_BTk, experts_BTk, valid_BT, wg, wu, wd, layout, cf
+        )

@@ -1,0 +1,185 @@
+"""Expert-parallel MoE dispatch (all-to-all under shard_map) against the single-device MoE.
+
+One MoE layer's routed experts on 8 simulated devices: dropless equals `moe.grouped_experts`
+(values and gradients, float32, 1e-5 relative); a capacity factor drops exactly the rows a
+per-device count predicts and keeps the rest exact; `auto` picks the path from the mesh.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwen35_jax as q
+from qwen35_jax import sharding
+from qwen35_jax.layers import moe, moe_dispatch
+
+B, T, D, E, F, K = 8, 4, 16, 8, 8, 2  # F: expert width (I)
+FAST = {"xla_backend_optimization_level": 0}  # compile time dominates these tests
+
+
+@pytest.fixture(scope="module")
+def data():
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (B, T, D))
+    router = jax.random.normal(keys[1], (D, E))
+    w = (
+        jax.random.normal(keys[2], (E, D, F)) * 0.3,
+        jax.random.normal(keys[3], (E, D, F)) * 0.3,
+        jax.random.normal(keys[4], (E, F, D)) * 0.3,
+    )
+    _, weights_Nk, experts_Nk = moe.route(x.reshape(-1, D), router, K)
+    return x, weights_Nk.reshape(B, T, K), experts_Nk.reshape(B, T, K), w
+
+
+def _local(x, weights, experts, wg, wu, wd):
+    y = moe.grouped_experts(
+        x.reshape(-1, D), weights.reshape(-1, K), experts.reshape(-1, K), wg, wu, wd
+    )
+    return y.reshape(B, T, D)
+
+
+def _ep(x, weights, experts, wg, wu, wd, valid=None, cf=None, mode="all_to_all"):
+    valid = jnp.ones((B, T), bool) if valid is None else valid
+    layout = moe_dispatch.resolve_mode(mode, B, T, wg.shape, wd.shape)
+    return moe_dispatch.expert_parallel(x, weights, experts, valid, wg, wu, wd, layout, cf)
+
+
+def _loss(y):
+    return jnp.sum(jnp.sin(y))
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize(
+    "mesh_kw",
+    [
+        dict(fsdp=1, expert=8),
+        dict(fsdp=1, data=2, expert=4),
+        dict(fsdp=2, tensor=2, expert=2),
+        dict(fsdp=4, tensor=2),
+    ],
+    ids=["expert=8", "data=2,expert=4", "fsdp=2,tensor=2,expert=2", "fsdp=4,tensor=2"],
+)
+def test_dropless_equals_local(data, mesh_kw):
+    x, weights, experts, w = data
+    ref = jax.jit(
+        jax.value_and_grad(lambda x, *w: _loss(_local(x, weights, experts, *w)), (0, 1, 2, 3))
+    )
+    loss0, grads0 = ref(x, *w)
+    y0 = _local(x, weights, experts, *w)
+
+    def ep_loss(x, *w):
+        y, dropped = _ep(x, weights, experts, *w)
+        return _loss(y), (y, dropped)
+
+    with sharding.use_mesh(sharding.make_mesh(**mesh_kw)):
+        fn = jax.jit(jax.value_and_grad(ep_loss, (0, 1, 2, 3), has_aux=True), compiler_options=FAST)
+        (loss, (y, dropped)), grads = fn(x, *w)
+    assert float(dropped) == 0
+    assert _rel(y, y0) < 1e-5
+    assert abs(float(loss - loss0)) <= 1e-5 * abs(float(loss0))
+    for g, g0 in zip(grads, grads0, strict=True):
+        assert _rel(g, g0) < 1e-5
+
+
+def _expected_drops(experts, valid, capacity, p, per_device_rows):
+    """Numpy model of the capacity rule: per device, per target, rows beyond `capacity`."""
+    e_local = E // p
+    target = np.asarray(experts).reshape(-1, per_device_rows, K) // e_local  # [devices, n, k]
+    ok = np.repeat(np.asarray(valid).reshape(-1, per_device_rows), K, axis=1)
+    keep = np.zeros(ok.shape, bool)
+    for dev in range(target.shape[0]):
+        rows = target[dev].reshape(-1)
+        seen = np.zeros(p, int)
+        for r, tgt in enumerate(rows):
+            if ok[dev, r]:
+                keep[dev, r] = seen[tgt] < capacity
+                seen[tgt] += 1
+    return keep.reshape(B, T, K), int(np.sum(ok & ~keep))
+
+
+def test_capacity_drops_exactly_the_counted_rows(data):
+    x, weights, experts, w = data
+    valid = jnp.ones((B, T), bool).at[1, 2:].set(False)  # padding takes no capacity
+    p, cf = 8, 1.0
+    capacity = math.ceil(cf * T * K / p)  # one batch row (T tokens) per device
+    keep, n_dropped = _expected_drops(experts, valid, capacity, p, T)
+    assert n_dropped > 0
+    with sharding.use_mesh(sharding.make_mesh(fsdp=1, expert=p)):
+        fn = jax.jit(lambda *a: _ep(*a, valid=valid, cf=cf), compiler_options=FAST)
+        y, dropped = fn(x, weights, experts, *w)
+        y_big, dropped_big = jax.jit(
+            lambda *a: _ep(*a, valid=valid, cf=float(p)), compiler_options=FAST
+        )(x, weights, experts, *w)
+    assert int(dropped) == n_dropped
+    kept_weights = jnp.where(jnp.asarray(keep), weights, 0.0)
+    y_ref = _local(x, kept_weights, experts, *w)
+    assert _rel(y, y_ref) < 1e-5
+    # cf = P lets every row through: the dropless result on the valid tokens
+    y0 = _local(x, weights, experts, *w)
+    assert int(dropped_big) == 0
+    assert _rel(jnp.where(valid[..., None], y_big, 0), jnp.where(valid[..., None], y0, 0)) < 1e-5
+
+
+def _uses_all_to_all(fn, *args) -> bool:
+    return "all_to_all" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_auto_mode_picks_the_path(data):
+    x, weights, experts, w = data
+    shapes = (w[0].shape, w[2].shape)
+    assert moe_dispatch.resolve_mode("auto", B, T, *shapes) is None  # no mesh
+    with sharding.use_mesh(sharding.make_mesh(fsdp=8)):  # expert = 1: replicated experts
+        assert moe_dispatch.resolve_mode("auto", B, T, *shapes).ep_size == 1
+        assert not _uses_all_to_all(lambda *a: _ep(*a, mode="auto")[0], x, weights, experts, *w)
+    with sharding.use_mesh(sharding.make_mesh(fsdp=1, devices=jax.devices()[:1])):
+        assert moe_dispatch.resolve_mode("auto", B, T, *shapes) is None  # one device
+    with sharding.use_mesh(sharding.make_mesh(fsdp=1, data=2, expert=4)):
+        layout = moe_dispatch.resolve_mode("auto", B, T, *shapes)
+        assert layout is not None and layout.ep_axes == ("expert",) and layout.ep_size == 4
+        assert moe_dispatch.resolve_mode("auto", 1, T, *shapes) is None  # batch 1: indivisible
+        assert moe_dispatch.resolve_mode("local", B, T, *shapes) is None
+        assert _uses_all_to_all(lambda *a: _ep(*a, mode="auto")[0], x, weights, experts, *w)
+
+
+def test_module_options_and_errors():
+    with pytest.raises(ValueError, match="mode"):
+        moe_dispatch.DispatchOptions("ragged")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        moe_dispatch.DispatchOptions("auto", -1.0)
+    with pytest.raises(ValueError, match="needs a mesh"):
+        moe_dispatch.resolve_mode("all_to_all", B, T, (E, D, F), (E, F, D))
+    assert moe_dispatch.current_options() == moe_dispatch.DispatchOptions()
+    with moe_dispatch.options("local", 1.5):
+        assert moe_dispatch.current_options() == moe_dispatch.DispatchOptions("local", 1.5)
+    assert moe_dispatch.current_options().mode == "auto"
+
+
+def test_moe_module_reads_the_options():
+    """The MoE layer itself: options() selects the path and the capacity; drops are reported."""
+    c = q.get_config("tiny-moe").text_config
+    layer = moe.MoE(c)
+    x = jax.random.normal(jax.random.key(1), (B, T, c.hidden_size))
+    valid = jnp.ones((B, T), bool)
+    params = layer.init(jax.random.key(2), x, valid)
+
+    def run(mode, cf):
+        with moe_dispatch.options(mode, cf):
+            fn = jax.jit(lambda p, x: layer.apply(p, x, valid), compiler_options=FAST)
+            return fn(params, x), _uses_all_to_all(lambda p, x: layer.apply(p, x, valid), params, x)
+
+    (y0, stats0), _ = run("local", None)
+    assert float(stats0["dropped_tokens"]) == 0
+    with sharding.use_mesh(sharding.make_mesh(fsdp=1, expert=8)):
+        (y1, stats1), a2a = run("auto", None)
+        (_, stats2), _ = run("auto", 0.5)
+        (y3, stats3), local = run("local", 0.5)  # the local path ignores the capacity
+    assert a2a and not local
+    assert _rel(y1, y0) < 1e-5 and float(stats1["dropped_tokens"]) == 0
+    assert float(stats2["dropped_tokens"]) > 0
+    assert _rel(y3, y0) < 1e-5 and float(stats3["dropped_tokens"]) == 0
