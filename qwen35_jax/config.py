@@ -22,7 +22,8 @@ Field map (ours -> Hugging Face ``config.json``; most names are identical):
 * ``VisionConfig`` -> ``vision_config`` (``None`` for text-only models).
 * ``Qwen35Config`` top level: the four vision token ids; ``tie_word_embeddings`` lives on the text
   config here and is written at both levels (when read, the top-level value wins).
-* Runtime fields (``compute_dtype``, ``param_dtype``, ``remat_policy``, ``gdn_chunk_size``) are
+* Runtime fields (``compute_dtype``, ``param_dtype``, ``remat_policy``, ``gdn_chunk_size``,
+  ``moe_dispatch``, ``moe_capacity_factor``) are
   ours only: ``to_hf`` drops them and ``from_hf`` leaves their defaults.
 * ``extra``: HF keys we do not model (``dtype``, ``mamba_ssm_dtype``, ``attn_output_gate``,
   ``initializer_range``, ...), kept as sorted ``(dotted key, JSON string)`` pairs so that
@@ -332,6 +333,7 @@ class VisionConfig:
 
 _DTYPES = ("float32", "bfloat16")
 _REMAT = ("none", "full", "dots", "dots_no_batch")
+_MOE_DISPATCH = ("auto", "local", "all_to_all")
 _TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 _MOE_KEYS = ("num_experts", *_DENSE_ZERO, "router_aux_loss_coef")
 _ROPE_KEYS = (
@@ -378,6 +380,8 @@ class Qwen35Config:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     gdn_chunk_size: int = 64
+    moe_dispatch: str = "auto"  # "auto" | "local" | "all_to_all" (layers/moe_dispatch.py)
+    moe_capacity_factor: float = 0.0  # 0 = dropless; else static per-device buffers
     extra: tuple[tuple[str, str], ...] = ()  # unmodelled HF keys: (dotted key, JSON string)
 
     def __post_init__(self) -> None:
@@ -393,6 +397,14 @@ class Qwen35Config:
             f"remat_policy={self.remat_policy!r} must be one of {_REMAT}",
         )
         _check(self.gdn_chunk_size >= 1, f"gdn_chunk_size={self.gdn_chunk_size} must be >= 1")
+        _check(
+            self.moe_dispatch in _MOE_DISPATCH,
+            f"moe_dispatch={self.moe_dispatch!r} must be one of {_MOE_DISPATCH}",
+        )
+        _check(
+            self.moe_capacity_factor >= 0,
+            f"moe_capacity_factor={self.moe_capacity_factor} must be >= 0 (0 = dropless)",
+        )
         v, d = self.vision_config, self.text_config.hidden_size
         _check(
             v is None or v.out_hidden_size == d,

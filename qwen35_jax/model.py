@@ -40,6 +40,7 @@ from qwen35_jax.fusion import (
     scatter_visual,
     vision_inputs,
 )
+from qwen35_jax.layers import moe_dispatch
 from qwen35_jax.layers.attention import attention_mask
 from qwen35_jax.layers.decoder import (
     LINEAR,
@@ -299,15 +300,17 @@ def apply(
             f"positions must be [B, T] or [3, B, T] with [B, T] = {input_ids.shape}, "
             f"got {positions.shape}"
         )
-    return _model(config).apply(
-        {"params": params},
-        input_ids,
-        segment_ids_BT,
-        positions,
-        return_logits=return_logits,
-        return_mtp=return_mtp,
-        vision=vision,
-    )
+    dispatch = moe_dispatch.options(config.moe_dispatch, config.moe_capacity_factor or None)
+    with dispatch:
+        return _model(config).apply(
+            {"params": params},
+            input_ids,
+            segment_ids_BT,
+            positions,
+            return_logits=return_logits,
+            return_mtp=return_mtp,
+            vision=vision,
+        )
 
 
 def forward(
