@@ -1,0 +1,66 @@
+"""Command line: convert checkpoints between Hugging Face safetensors and orbax.
+
+    python -m qwen35_jax.convert hf-to-orbax --hf_dir DIR --out DIR [--dtype bfloat16|float32]
+    python -m qwen35_jax.convert orbax-to-hf --ckpt DIR --out DIR [--max_shard_bytes N]
+
+Exits 0 on success; on a bad checkpoint or config prints one message (every missing,
+unexpected or mis-shaped key, every unreadable shard by file name) and exits 1, leaving no
+output directory behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run one conversion; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m qwen35_jax.convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-orbax", help="Hugging Face safetensors -> orbax checkpoint")
+    a.add_argument("--hf_dir", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default=None, help="default: keep source"
+    )
+    a.add_argument("--no_progress", action="store_true")
+    b = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> Hugging Face safetensors")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--max_shard_bytes", type=int, default=None)
+    b.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from qwen35_jax.config import ConfigError
+    from qwen35_jax.convert import orbax_io
+    from qwen35_jax.convert.hf import CheckpointError
+    from qwen35_jax.convert.safetensors_io import SafetensorsError
+
+    try:
+        if args.command == "hf-to-orbax":
+            out = orbax_io.hf_to_orbax(
+                args.hf_dir,
+                args.out,
+                dtype=args.dtype,
+                progress=not args.no_progress,
+            )
+        else:
+            out = orbax_io.orbax_to_hf(
+                args.ckpt,
+                args.out,
+                max_shard_bytes=args.max_shard_bytes or orbax_io.DEFAULT_SHARD_BYTES,
+                progress=not args.no_progress,
+            )
+    except (CheckpointError, ConfigError, SafetensorsError, FileExistsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

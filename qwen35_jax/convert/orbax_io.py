@@ -1,0 +1,559 @@
+"""Streaming conversion between Hugging Face safetensors checkpoints and orbax checkpoints.
+
+hf -> orbax (`hf_to_orbax`): all shard headers are read first and checked against the name table
+(`hf_names.hf_rules`): missing, unexpected and mis-shaped tensors and truncated shards are
+reported together in one `CheckpointError` before anything is written. Then the shards are read
+in file order, each tensor once (a positioned read, no memory map kept), split into its pieces
+and each piece written straight into its slice of the stacked leaf on disk: every leaf is a
+tensorstore zarr array chunked one stacked entry (layer, expert) at a time, laid out exactly as
+orbax's PyTree handler writes it without OCDBT, plus orbax's metadata files. Host memory is about
+one tensor (one expert matrix) plus the runtime, whatever the model size. Everything goes to
+`<out>.tmp-XXXX`, renamed to `<out>` only when complete; any failure removes it.
+
+Layout of the output directory::
+
+    config.json    the source config.json (transformers and `Qwen35Config.from_hf` read it)
+    convert.json   format, leaf paths and dtypes, source layout (prefixes, fused experts) and
+                   each source tensor's dtype (so the export writes the same dtypes)
+    params/        a plain orbax PyTree checkpoint of the parameter tree (zarr v2, no OCDBT):
+                   `ocp.PyTreeCheckpointer().restore(out + "/params")` works
+
+orbax -> hf (`orbax_to_hf`): every Hugging Face tensor is rebuilt from its slices
+(`Rule.join` of `Piece.to_hf`) in the source dtype and layout (fused or per-expert experts,
+multimodal prefix, vision prefix) and written to safetensors shards of at most `max_shard_bytes`
+with `model.safetensors.index.json`: memory about one output shard.
+
+`restore_params(ckpt_dir, shardings)` gives (config, params) for the trainer, restoring each leaf
+straight into its `NamedSharding` when shardings are given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import linen as nn
+
+from qwen35_jax.config import Qwen35Config
+from qwen35_jax.convert.hf import (
+    VISION_PREFIXES,
+    CheckpointError,
+    _describe,
+    detect_layout,
+    shard_files,
+)
+from qwen35_jax.convert.hf_names import Rule, hf_rules
+from qwen35_jax.convert.safetensors_io import (
+    CODES,
+    DTYPES,
+    SafetensorsError,
+    SafetensorsFile,
+    write_safetensors,
+)
+from qwen35_jax.convert.vision_names import detect_prefix
+from qwen35_jax.model import abstract_params
+
+FORMAT = "qwen35_jax.orbax.v1"
+DEFAULT_SHARD_BYTES = 2 * 10**9
+CHUNK_BYTES = 64 << 20
+RELEASE_BYTES = 16 << 20  # hand freed heap back to the OS after tensors this large
+
+Path = tuple[str, ...]
+
+
+# ---------------------------------------------------------------- progress
+class Progress:
+    """One updating stderr line: tensors and bytes done, rate and ETA."""
+
+    def __init__(self, what: str, tensors: int, nbytes: int, stream=None, every: float = 0.5):
+        self.what, self.tensors, self.nbytes = what, tensors, nbytes
+        self.done_t = self.done_b = 0
+        self.start = self.last = time.monotonic()
+        self.stream = sys.stderr if stream is None else stream
+        self.every = every
+
+    def update(self, tensors: int, nbytes: int) -> None:
+        self.done_t += tensors
+        self.done_b += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done_t == self.tensors:
+            self.last = now
+            self._show(now)
+
+    def _show(self, now: float) -> None:
+        dt = max(now - self.start, 1e-9)
+        rate = self.done_b / dt
+        left = (self.nbytes - self.done_b) / rate if rate > 0 else float("nan")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if left == left else "?"
+        self.stream.write(
+            f"\r[{self.what}] {self.done_t}/{self.tensors} tensors, "
+            f"{self.done_b / 1e6:.1f}/{self.nbytes / 1e6:.1f} MB, "
+            f"{rate / 1e6:.1f} MB/s, ETA {eta}   "
+        )
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.done_t != self.tensors:
+            self._show(time.monotonic())
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------- reading
+def _read(st: SafetensorsFile, key: str) -> np.ndarray:
+    """Copy one tensor out of a shard with a positioned read (no memory map kept)."""
+    info = st.header[key]
+    if info["dtype"] not in DTYPES:
+        raise SafetensorsError(f"{st.path}: {key} has unsupported dtype {info['dtype']}")
+    dtype = DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    out = np.empty(count, dtype)
+    with open(st.path, "rb") as f:
+        f.seek(st._data_start + begin)
+        n = f.readinto(out.view(np.uint8)) if count else 0
+    if n != end - begin:
+        raise SafetensorsError(
+            f"{st.path}: truncated: tensor {key} needs bytes up to {st._data_start + end}, "
+            f"the file has {st._size}"
+        )
+    return out.reshape(info["shape"])
+
+
+def _check_extent(st: SafetensorsFile, key: str) -> str | None:
+    info = st.header[key]
+    if info["dtype"] not in DTYPES:
+        return f"{st.path}: {key} has unsupported dtype {info['dtype']}"
+    begin, end = info["data_offsets"]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    if end - begin != count * DTYPES[info["dtype"]].itemsize:
+        return f"{st.path}: {key}: byte length does not match its shape"
+    if st._data_start + end > st._size:
+        return (
+            f"{st.path}: truncated: tensor {key} needs bytes up to {st._data_start + end}, "
+            f"the file has {st._size}"
+        )
+    return None
+
+
+def _get(tree: dict, path: Path) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _set(tree: dict, path: Path, value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def leaf_shapes(config: Qwen35Config) -> dict[Path, jax.ShapeDtypeStruct]:
+    """{leaf path: ShapeDtypeStruct} of the parameter tree of `config`."""
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(config)))[0]
+    return {tuple(k.key for k in kp): s for kp, s in flat}
+
+
+def _leaf_store(
+    params_dir: str, path: Path, shape: tuple[int, ...], dtype: np.dtype, n_index: int, create: bool
+):
+    """A tensorstore zarr array at the place orbax (no OCDBT) keeps leaf `path`.
+
+    Chunks are one entry of the stacked (leading) axes, so each Hugging Face tensor fills whole
+    chunks (no read-modify-write), split further along the next axis to stay under 64 MiB.
+    """
+    import tensorstore as ts
+
+    directory = os.path.join(params_dir, ".".join(path))
+    if not create:
+        return ts.open(
+            {"driver": "zarr", "kvstore": {"driver": "file", "path": directory}}
+        ).result()
+    chunks = [1] * n_index + list(shape[n_index:])
+    rest = int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize
+    if len(chunks) > n_index and rest > CHUNK_BYTES:
+        k = -(-rest // CHUNK_BYTES)
+        chunks[n_index] = max(1, -(-chunks[n_index] // k))
+    zdtype = "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.str
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": directory},
+        "metadata": {
+            "shape": list(shape),
+            "chunks": [max(1, c) for c in chunks],
+            "dtype": zdtype,
+            "compressor": {"id": "zstd", "level": 1},
+            "fill_value": None,
+            "order": "C",
+            "dimension_separator": ".",
+            "filters": None,
+        },
+    }
+    return ts.open(spec, create=True).result()
+
+
+def _write_orbax_metadata(params_dir: str, paths: list[Path]) -> None:
+    """The files that make `params_dir` an orbax PyTree checkpoint (zarr v2, no OCDBT)."""
+    tree = {
+        str(p): {
+            "key_metadata": [{"key": k, "key_type": 2} for k in p],
+            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+        }
+        for p in paths
+    }
+    meta = {
+        "tree_metadata": tree,
+        "use_ocdbt": False,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+    }
+    with open(os.path.join(params_dir, "_METADATA"), "w") as f:
+        json.dump(meta, f)
+    now = time.time_ns()
+    ckpt_meta = {
+        "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
+        "PyTreeCheckpointHandler",
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": now,
+        "commit_timestamp_nsecs": now,
+        "custom_metadata": {},
+    }
+    with open(os.path.join(params_dir, "_CHECKPOINT_METADATA"), "w") as f:
+        json.dump(ckpt_meta, f)
+    with open(os.path.join(params_dir, "commit_success.txt"), "w") as f:
+        f.write("Checkpoint commit was successful.")
+
+
+def _release() -> None:
+    """Return freed heap to the OS (glibc keeps tensorstore's per-thread arenas otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _ckptr():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def _atomic_dir(out: str) -> str:
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+
+
+def _finish(tmp: str, out: str) -> None:
+    os.rename(tmp, os.path.abspath(out))
+
+
+# ---------------------------------------------------------------- hf -> orbax
+def hf_to_orbax(
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Convert a Hugging Face checkpoint directory into an orbax checkpoint at `out`.
+
+    `dtype` ('bfloat16' or 'float32') casts every leaf; None keeps each tensor's own dtype.
+    Raises `CheckpointError` (all problems listed) or `ConfigError` before writing anything.
+    """
+    hf_dir, out = os.fspath(hf_dir), os.fspath(out)
+    config = Qwen35Config.from_hf(hf_dir)
+    files = shard_files(hf_dir)
+    headers: dict[str, SafetensorsFile] = {}
+    unreadable: list[str] = []
+    for fname in files:
+        try:
+            headers[fname] = SafetensorsFile(fname)
+        except SafetensorsError as e:
+            unreadable.append(str(e))
+    all_keys = [k for st in headers.values() for k in st.keys()]
+    multimodal, fused = detect_layout(all_keys)
+    with_vision = config.vision_config is not None
+    vision_prefix = detect_prefix(all_keys) if with_vision else None
+    rule_list = hf_rules(
+        config, multimodal_prefix=multimodal, fused_experts=fused, vision_prefix=vision_prefix
+    )
+    rules = {r.key: r for r in rule_list}
+    optional = {"lm_head.weight"} if config.text_config.tie_word_embeddings else set()
+    problems: dict[str, list[str]] = {
+        "missing": [],
+        "unexpected": [],
+        "wrong shape": [],
+        "unreadable": unreadable,
+    }
+    where: dict[str, SafetensorsFile] = {}
+    misshaped: set[str] = set()
+    skipped: list[str] = []
+    for fname, st in headers.items():
+        base = os.path.basename(fname)
+        for key in st.keys():
+            if key in where:
+                problems["unexpected"].append(f"{key} (duplicate, in {base})")
+                continue
+            rule = rules.get(key)
+            if rule is None:
+                if key in optional or (not with_vision and key.startswith(VISION_PREFIXES)):
+                    skipped.append(key)
+                else:
+                    problems["unexpected"].append(f"{key} (in {base})")
+                continue
+            if st.shape(key) != rule.shape:
+                found = f"found {st.shape(key)} in {base}"
+                problems["wrong shape"].append(f"{key}: expected {rule.shape}, {found}")
+                misshaped.add(key)
+                continue
+            bad = _check_extent(st, key)
+            if bad:
+                problems["unreadable"].append(bad)
+                continue
+            where[key] = st
+    problems["missing"] = sorted(k for k in rules if k not in where and k not in misshaped)
+    if any(problems.values()):
+        raise CheckpointError(_describe(problems, hf_dir))
+
+    shapes = leaf_shapes(config)
+    src_dtypes = {k: where[k].header[k]["dtype"] for k in rules}
+    leaf_dtype: dict[Path, np.dtype] = {}
+    for r in rule_list:
+        for pc in r.pieces:
+            d = np.dtype(dtype) if dtype else DTYPES[src_dtypes[r.key]]
+            prev = leaf_dtype.get(pc.path)
+            leaf_dtype[pc.path] = d if prev is None else np.promote_types(prev, d)
+    unfilled = sorted("/".join(p) for p in shapes if p not in leaf_dtype)
+    if unfilled:
+        raise CheckpointError(f"no Hugging Face tensor fills the leaves {unfilled}")
+    n_index: dict[Path, int] = {pc.path: len(pc.index) for r in rule_list for pc in r.pieces}
+
+    total = sum(int(np.prod(rules[k].shape)) * DTYPES[src_dtypes[k]].itemsize for k in where)
+    bar = Progress("hf-to-orbax", len(rules), total) if progress else None
+    tmp = _atomic_dir(out)
+    try:
+        params_dir = os.path.join(tmp, "params")
+        os.makedirs(params_dir)
+        stores = {
+            p: _leaf_store(params_dir, p, shapes[p].shape, leaf_dtype[p], n_index[p], True)
+            for p in shapes
+        }
+        used: set[str] = set()
+        for st in headers.values():  # shard by shard, each tensor once, in file order
+            for key in st.keys():
+                if where.get(key) is not st:
+                    continue
+                r = rules[key]
+                if key in used:
+                    raise CheckpointError(f"internal: {key} used twice")
+                tensor = _read(st, key)
+                for pc, part in zip(r.pieces, r.split(tensor), strict=True):
+                    view = stores[pc.path][pc.index] if pc.index else stores[pc.path]
+                    view.write(np.asarray(pc.to_ours(part), leaf_dtype[pc.path])).result()
+                used.add(key)
+                if bar:
+                    bar.update(1, tensor.nbytes)
+                big = tensor.nbytes > RELEASE_BYTES
+                del tensor
+                if big:
+                    _release()
+            _release()
+        del stores
+        _write_orbax_metadata(params_dir, list(shapes))
+        if used != set(rules):
+            raise CheckpointError(f"internal: tensors not used: {sorted(set(rules) - used)}")
+        if bar:
+            bar.close()
+        shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
+        meta = {
+            "format": FORMAT,
+            "source": os.path.abspath(hf_dir),
+            "dtype": dtype or "source",
+            "multimodal_prefix": multimodal,
+            "fused_experts": fused,
+            "vision_prefix": vision_prefix,
+            "tie_word_embeddings_lm_head": "lm_head.weight" in where,
+            "leaves": ["/".join(p) for p in shapes],
+            "leaf_dtypes": {"/".join(p): str(d) for p, d in leaf_dtype.items()},
+            "source_dtypes": src_dtypes,
+        }
+        with open(os.path.join(tmp, "convert.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for st in headers.values():
+            st.close()
+    return os.path.abspath(out)
+
+
+# ---------------------------------------------------------------- orbax reading
+def _meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "convert.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{ckpt_dir}: no convert.json: not written by hf-to-orbax")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def restore_params(
+    ckpt_dir: str | os.PathLike, shardings: Any | None = None
+) -> tuple[Qwen35Config, dict]:
+    """(config, params) from a `hf_to_orbax` checkpoint.
+
+    params is a plain nested dict with the structure of `unbox(abstract_params(config))`, as
+    numpy arrays (host memory), or, with `shardings` (the same structure of `NamedSharding`s),
+    as jax arrays restored straight into that layout (each process reads only its chunks).
+    `<ckpt_dir>/params` is a plain orbax PyTree checkpoint; this is `PyTreeCheckpointer.restore`.
+    """
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.fspath(ckpt_dir)
+    meta = _meta(ckpt_dir)
+    config = Qwen35Config.from_hf(ckpt_dir)
+    shapes = leaf_shapes(config)
+    stored = {tuple(n.split("/")) for n in meta["leaves"]}
+    if stored != set(shapes):
+        raise CheckpointError(
+            f"{ckpt_dir}: stored leaves do not match the config: missing "
+            f"{sorted('/'.join(p) for p in set(shapes) - stored)}, unexpected "
+            f"{sorted('/'.join(p) for p in stored - set(shapes))}"
+        )
+    tmpl: dict = {}
+    for p, s in shapes.items():
+        if shardings is None:
+            args = ocp.RestoreArgs(restore_type=np.ndarray)
+        else:
+            args = ocp.ArrayRestoreArgs(
+                sharding=_get(shardings, p),
+                global_shape=s.shape,
+                dtype=np.dtype(meta["leaf_dtypes"]["/".join(p)]),
+            )
+        _set(tmpl, p, args)
+    params = _ckptr().restore(
+        os.path.join(ckpt_dir, "params"), args=ocp.args.PyTreeRestore(restore_args=tmpl)
+    )
+    for p, s in shapes.items():
+        leaf = _get(params, p)
+        if tuple(leaf.shape) != tuple(s.shape):
+            raise CheckpointError(
+                f"{ckpt_dir}: leaf {'/'.join(p)} has shape {leaf.shape}, the config wants {s.shape}"
+            )
+    return config, params
+
+
+# ---------------------------------------------------------------- orbax -> hf
+def orbax_to_hf(
+    ckpt_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool = True,
+) -> str:
+    """Write config.json, safetensors shards and their index from a `hf_to_orbax` checkpoint.
+
+    Tensors take their source dtype and layout (recorded in convert.json), so hf -> orbax -> hf
+    is bit-identical whenever the orbax dtype can hold the source values.
+    """
+    ckpt_dir, out = os.fspath(ckpt_dir), os.fspath(out)
+    meta = _meta(ckpt_dir)
+    config = Qwen35Config.from_hf(ckpt_dir)
+    rule_list = hf_rules(
+        config,
+        multimodal_prefix=meta["multimodal_prefix"],
+        fused_experts=meta["fused_experts"],
+        vision_prefix=meta["vision_prefix"],
+    )
+    by_leaf: dict[Path, list[Rule]] = {}
+    for r in rule_list:
+        by_leaf.setdefault(r.pieces[0].path, []).append(r)
+    src = meta["source_dtypes"]
+    total = sum(int(np.prod(r.shape)) * DTYPES[src.get(r.key, "F32")].itemsize for r in rule_list)
+    bar = Progress("orbax-to-hf", len(rule_list), total) if progress else None
+    tmp = _atomic_dir(out)
+    try:
+        weight_map: dict[str, str] = {}
+        shard: list[tuple[str, np.ndarray]] = []
+        shard_bytes = 0
+        names: list[str] = []
+
+        def flush() -> None:
+            nonlocal shard, shard_bytes
+            if not shard:
+                return
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            write_safetensors(os.path.join(tmp, name), shard)
+            names.append(name)
+            for k, _ in shard:
+                weight_map[k] = name
+            shard, shard_bytes = [], 0
+
+        total_size = 0
+        params_dir = os.path.join(ckpt_dir, "params")
+        stores: dict[Path, Any] = {}
+        for r in rule_list:
+            parts = []
+            for pc in r.pieces:
+                if pc.path not in stores:
+                    stores[pc.path] = _leaf_store(params_dir, pc.path, (), np.dtype("f4"), 0, False)
+                view = stores[pc.path][pc.index] if pc.index else stores[pc.path]
+                parts.append(pc.to_hf(np.asarray(view.read().result())))
+            dt = DTYPES[src[r.key]] if r.key in src else parts[0].dtype
+            tensor = np.ascontiguousarray(r.join(parts).astype(dt))
+            if tuple(tensor.shape) != r.shape:
+                raise CheckpointError(f"internal: {r.key} has shape {tensor.shape}")
+            if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+                flush()
+                _release()
+            shard.append((r.key, tensor))
+            shard_bytes += tensor.nbytes
+            total_size += tensor.nbytes
+            if bar:
+                bar.update(1, tensor.nbytes)
+        flush()
+        if bar:
+            bar.close()
+        # rename model-0000i.safetensors -> model-0000i-of-0000n.safetensors
+        n = len(names)
+        final = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(names)}
+        for old, new in final.items():
+            os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+        index = {
+            "metadata": {"total_size": total_size},
+            "weight_map": {k: final[v] for k, v in weight_map.items()},
+        }
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+        shutil.copy(os.path.join(ckpt_dir, "config.json"), os.path.join(tmp, "config.json"))
+        _finish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.abspath(out)
+
+
+__all__ = [
+    "CODES",
+    "DEFAULT_SHARD_BYTES",
+    "hf_to_orbax",
+    "leaf_shapes",
+    "orbax_to_hf",
+    "restore_params",
+]
