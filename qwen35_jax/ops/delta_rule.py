@@ -55,8 +55,12 @@ from jax import lax
 _HIGHEST = lax.Precision.HIGHEST
 # Log decay standing in for -inf at a document start; C * this stays finite in float32.
 _RESET_LOG_DECAY = -1e30
-# Chunks per checkpoint segment (upper bound; the actual count balances the segments).
-_MAX_CHUNKS_PER_SEGMENT = 8
+# Chunks per checkpoint segment (upper bound; the actual count balances the segments). On CPU at
+# K=V=128, 4 was both faster and smaller than 8, 16 or 32: the saved states cost K*V/(4*C) floats
+# per token and head, a sixth of the float32 q, k, v that the backward pass keeps anyway.
+_MAX_CHUNKS_PER_SEGMENT = 4
+# Block size of the CPU triangular solve (diagonal blocks inverted, the rest by matmuls).
+_SOLVE_BLOCK = 16
 
 
 def _einsum(spec: str, *xs: jax.Array) -> jax.Array:
@@ -76,10 +80,66 @@ def _token_flags(segment_ids_BT: jax.Array, prev_segment_ids_B: jax.Array | None
     return reset_BT, pad_BT
 
 
+def _invert_unit_lower(N_XBB: jax.Array) -> jax.Array:
+    """(I + N)^{-1} for a small strictly-lower-triangular N, by recursive 2x2 block substitution.
+
+    [[A, 0], [C, D]]^{-1} = [[A^{-1}, 0], [-D^{-1} C A^{-1}, D^{-1}]]: exact (no series), the two
+    diagonal halves are inverted together as one batch, and there is no loop to compile.
+    """
+    n = N_XBB.shape[-1]
+    if n == 1:
+        return jnp.ones_like(N_XBB)
+    h = n // 2
+    A_XHH, C_XRH, D_XRR = N_XBB[..., :h, :h], N_XBB[..., h:, :h], N_XBB[..., h:, h:]
+    if n == 2 * h:
+        inv_X2HH = _invert_unit_lower(jnp.stack([A_XHH, D_XRR], axis=-3))
+        Ainv_XHH, Dinv_XRR = inv_X2HH[..., 0, :, :], inv_X2HH[..., 1, :, :]
+    else:
+        Ainv_XHH, Dinv_XRR = _invert_unit_lower(A_XHH), _invert_unit_lower(D_XRR)
+    off_XRH = -_einsum("...ij,...jk,...kl->...il", Dinv_XRR, C_XRH, Ainv_XHH)
+    top_XHB = jnp.concatenate([Ainv_XHH, jnp.zeros(A_XHH.shape[:-1] + (n - h,), A_XHH.dtype)], -1)
+    return jnp.concatenate([top_XHB, jnp.concatenate([off_XRH, Dinv_XRR], axis=-1)], axis=-2)
+
+
+def _blocked_unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
+    """Solves (I + N) X = rhs, N strictly lower, by blocked forward substitution (matmuls)."""
+    C = N_XCC.shape[-1]
+    b = _SOLVE_BLOCK if C % _SOLVE_BLOCK == 0 else C
+    diag_XNBB = jnp.stack([N_XCC[..., i : i + b, i : i + b] for i in range(0, C, b)], axis=-3)
+    inv_XNBB = _invert_unit_lower(diag_XNBB)
+    blocks = []
+    for n, i in enumerate(range(0, C, b)):
+        r_XBW = rhs_XCW[..., i : i + b, :]
+        if blocks:
+            done_XIW = jnp.concatenate(blocks, axis=-2)
+            r_XBW = r_XBW - _einsum("...ij,...jw->...iw", N_XCC[..., i : i + b, :i], done_XIW)
+        blocks.append(_einsum("...ij,...jw->...iw", inv_XNBB[..., n, :, :], r_XBW))
+    return jnp.concatenate(blocks, axis=-2)
+
+
+def _unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
+    """(I + N)^{-1} rhs for strictly-lower-triangular N, in float32.
+
+    Accelerators use XLA's triangular solve. On CPU that op is a LAPACK call whose OpenBLAS
+    threads fight XLA's own thread pool (tens of times slower on a loaded 2-core machine), so CPU
+    uses the same substitution written as 16-row blocks and matmuls (also faster single-threaded).
+    """
+
+    def native(N_XCC, rhs_XCW):
+        C = N_XCC.shape[-1]
+        lead = (1,) * (N_XCC.ndim - 2)
+        diag_XCC = jnp.eye(C, dtype=jnp.bool_).reshape(lead + (C, C))
+        return lax.linalg.triangular_solve(
+            jnp.where(diag_XCC, 1.0, N_XCC), rhs_XCW, left_side=True, lower=True, unit_diagonal=True
+        )
+
+    return lax.platform_dependent(N_XCC, rhs_XCW, cpu=_blocked_unit_lower_solve, default=native)
+
+
 def _chunk_terms(q_XCK, k_XCK, v_XCV, g_XC, beta_XC):
     """State-independent terms of each chunk (X: any leading batch axes).
 
-    Returns (Wk_XCK, Wv_XCV, Qeff_XCK, Ointra_XCV, Kd_XCK, glast_X).
+    Returns (Wk, Qeff, Wv, O_intra, diag(dlt) K, gam_{C-1}).
     """
     C = g_XC.shape[-1]
     lead = (1,) * (g_XC.ndim - 1)  # explicit leading axes: rank promotion is an error here
@@ -102,9 +162,7 @@ def _chunk_terms(q_XCK, k_XCK, v_XCV, g_XC, beta_XC):
     rhs_XCW = jnp.concatenate(
         [beta_XC[..., None] * v_XCV, (beta_XC * gam_XC)[..., None] * k_XCK], axis=-1
     )
-    W_XCW = lax.linalg.triangular_solve(
-        jnp.where(row_XCC == col_XCC, 1.0, A_XCC), rhs_XCW, left_side=True, lower=True, unit_diagonal=True
-    )
+    W_XCW = _unit_lower_solve(A_XCC, rhs_XCW)
     V = v_XCV.shape[-1]
     Wv_XCV, Wk_XCK = W_XCW[..., :V], W_XCW[..., V:]
 
@@ -112,15 +170,18 @@ def _chunk_terms(q_XCK, k_XCK, v_XCV, g_XC, beta_XC):
     Ointra_XCV = _einsum("...ij,...jv->...iv", P_XCC, Wv_XCV)
     Qeff_XCK = gam_XC[..., None] * q_XCK - _einsum("...ij,...jk->...ik", P_XCC, Wk_XCK)
     Kd_XCK = dlt_XC[..., None] * k_XCK
-    return Wk_XCK, Wv_XCV, Qeff_XCK, Ointra_XCV, Kd_XCK, glast_X
+    return Wk_XCK, Qeff_XCK, Wv_XCV, Ointra_XCV, Kd_XCK, glast_X
 
 
 def _segment(state_BHKV, xs):
-    """Runs S consecutive chunks: xs are [S, B, H, C, ...]; returns (state, o_SBHCV)."""
+    """Runs S consecutive chunks: xs = (q, k, v, g, beta), each [S, B, H, C, ...].
+
+    Returns (state after the last chunk, o_SBHCV).
+    """
     terms = _chunk_terms(*xs)
 
     def step(S_BHKV, t):
-        Wk_BHCK, Wv_BHCV, Qeff_BHCK, Ointra_BHCV, Kd_BHCK, glast_BH = t
+        Wk_BHCK, Qeff_BHCK, Wv_BHCV, Ointra_BHCV, Kd_BHCK, glast_BH = t
         U_BHCV = Wv_BHCV - _einsum("bhck,bhkv->bhcv", Wk_BHCK, S_BHKV)
         o_BHCV = Ointra_BHCV + _einsum("bhck,bhkv->bhcv", Qeff_BHCK, S_BHKV)
         S_BHKV = glast_BH[..., None, None] * S_BHKV + _einsum("bhck,bhcv->bhkv", Kd_BHCK, U_BHCV)
@@ -245,3 +306,52 @@ def gated_delta_rule_step(
     S_BHKV = S_BHKV + k_BHK[..., :, None] * delta_BHV[..., None, :]
     o_BHV = _einsum("bhkv,bhk->bhv", S_BHKV, q_BHK)
     return o_BHV.astype(v.dtype), S_BHKV
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def chunk_affine_maps(
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    beta: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    prev_segment_ids: jax.Array | None = None,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """The affine map ``S -> A S + Bm`` by which a slice of tokens transforms its incoming state.
+
+    Args are those of ``gated_delta_rule`` for the slice (q is not needed). Returns
+    (A [B, H, K, K], Bm [B, H, K, V]), float32. The slice's final state is ``A @ S_in + Bm``; its
+    outputs are ``gated_delta_rule(..., initial_state=S_in, prev_segment_ids=...)``.
+    Computed as the final state of the same kernel run on ``[A | Bm]`` with values ``[0 | v]``
+    from ``[I | 0]`` (2x the state width of a plain run).
+    """
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    v_aug_BTHW = jnp.concatenate(
+        [jnp.zeros((B, T, H, K), jnp.float32), v.astype(jnp.float32)], axis=-1
+    )
+    eye_BHKK = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, H, K, K))
+    init_BHKW = jnp.concatenate([eye_BHKK, jnp.zeros((B, H, K, V), jnp.float32)], axis=-1)
+    _, state_BHKW = _gated_delta_rule(
+        k, k, v_aug_BTHW, g, beta, segment_ids, prev_segment_ids, init_BHKW, chunk_size
+    )
+    return state_BHKW[..., :K], state_BHKW[..., K:]
+
+
+def compose_affine_maps(
+    first: tuple[jax.Array, jax.Array], second: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """Map of ``first`` followed by ``second``: (A2 A1, A2 B1 + B2). Associative; batched."""
+    A1_XKK, B1_XKV = first
+    A2_XKK, B2_XKV = second
+    A_XKK = _einsum("...ij,...jk->...ik", A2_XKK, A1_XKK)
+    B_XKV = _einsum("...ij,...jv->...iv", A2_XKK, B1_XKV) + B2_XKV
+    return A_XKK, B_XKV
+
+
+def apply_affine_map(maps: tuple[jax.Array, jax.Array], state: jax.Array) -> jax.Array:
+    """``A @ state + Bm`` for maps (A [..., K, K], Bm [..., K, V]) and state [..., K, V]."""
+    A_XKK, B_XKV = maps
+    return _einsum("...ij,...jv->...iv", A_XKK, state.astype(jnp.float32)) + B_XKV
