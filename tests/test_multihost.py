@@ -2,10 +2,9 @@
 (gloo) give the same losses as 1 process x 8 devices, with each process loading only its rows.
 
 Runs `launch/local.sh` with `launch.dist_check` (sharded SGD steps of a tiny MoE model; the MoE
-layers dispatch by all-to-all across the two processes), and `train.main` itself: that one is
-expected to fail until train.main joins the processes (`sharding.initialize_distributed()`) and
-its data pipeline yields the same global batch for any process count (strict xfail: it turns
-into a failure the day it passes, so the marker gets removed).
+layers dispatch by all-to-all across the two processes), and `train.main` itself (the full
+trainer: data shards per host, sharded state, checkpoints; fixed `data.num_shards` so both runs
+see the same global batches).
 """
 
 import json
@@ -68,15 +67,11 @@ TRAIN_FLAGS = [
     "--config.train.steps=3",
     "--config.train.log_every=1",
     "--config.train.completion_tokens=0",
+    "--config.data.num_shards=2",  # the same global batch for 1 or 2 processes
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.main does not call sharding.initialize_distributed() yet, and its per-host "
-    "data shards (source[host::hosts]) change the global batch with the process count",
-)
 def test_train_main_two_processes_match_one_process(tmp_path):
     run_local(2, 4, "train.main", *TRAIN_FLAGS, f"--workdir={tmp_path / 'two'}",
               logdir=tmp_path / "logs2")  # fmt: skip

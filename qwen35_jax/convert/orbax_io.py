@@ -13,6 +13,7 @@ one tensor (one expert matrix) plus the runtime, whatever the model size. Everyt
 Layout of the output directory::
 
     config.json    the source config.json (transformers and `Qwen35Config.from_hf` read it)
+    tokenizer.json and the other `SIDE_FILES` of the source, when present (copied both ways)
     convert.json   format, leaf paths and dtypes, source layout (prefixes, fused experts) and
                    each source tensor's dtype (so the export writes the same dtypes)
     params/        a plain orbax PyTree checkpoint of the parameter tree (zarr v2, no OCDBT):
@@ -262,6 +263,30 @@ def _finish(tmp: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------- hf -> orbax
+# Copied along both ways, when present: the tokenizer and generation settings travel with the
+# weights (the trainer tokenizes a continued run with the checkpoint's tokenizer.json).
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def _copy_side_files(src: str | os.PathLike, dst: str) -> None:
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+
+
+def is_converted_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a `hf_to_orbax` output (as opposed to a trainer checkpoint)."""
+    return os.path.isfile(os.path.join(path, "convert.json"))
+
+
 def hf_to_orbax(
     hf_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -378,6 +403,7 @@ def hf_to_orbax(
         if bar:
             bar.close()
         shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
+        _copy_side_files(hf_dir, tmp)
         meta = {
             "format": FORMAT,
             "source": os.path.abspath(hf_dir),
@@ -542,6 +568,7 @@ def orbax_to_hf(
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
         shutil.copy(os.path.join(ckpt_dir, "config.json"), os.path.join(tmp, "config.json"))
+        _copy_side_files(ckpt_dir, tmp)
         _finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,5 @@
+"""Training configs: one file per experiment (`get_config()` returns a ConfigDict).
+
+Each file's docstring holds the command that runs it. They all start from
+`train.config_schema.base_config`, whose docstring documents every key.
+"""

@@ -1,0 +1,25 @@
+"""Pretraining qwen3.5-122b-a10b from scratch: 8M tokens per step, 800B tokens.
+
+    python -m train.main --config=configs/qwen3_5_122b_a10b.py \
+        --workdir=/mnt/shared/runs/qwen3_5_122b_a10b \
+        --config.data.path='gs://BUCKET/data/train-*.array_record' \
+        --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
+
+Sized for a TPU v5p-1024 (512 chips): fsdp 32 x expert 16.
+Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
+weights): see `train.config_schema.pretrain_config`.
+"""
+
+from train.config_schema import pretrain_config
+
+
+def get_config():
+    return pretrain_config(
+        "qwen3.5-122b-a10b",
+        steps=100_000,
+        batch_size=2048,
+        seq_len=4096,
+        lr=0.0002,
+        warmup_steps=2000,
+        mesh={"fsdp": -1, "expert": 16},
+    )

@@ -1,0 +1,25 @@
+"""Pretraining qwen3.5-2b from scratch: 2M tokens per step, 200B tokens.
+
+    python -m train.main --config=configs/qwen3_5_2b.py \
+        --workdir=/mnt/shared/runs/qwen3_5_2b \
+        --config.data.path='gs://BUCKET/data/train-*.array_record' \
+        --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
+
+Sized for a TPU v5p-64 (32 chips) or four 8-GPU nodes.
+Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
+weights): see `train.config_schema.pretrain_config`.
+"""
+
+from train.config_schema import pretrain_config
+
+
+def get_config():
+    return pretrain_config(
+        "qwen3.5-2b",
+        steps=100_000,
+        batch_size=512,
+        seq_len=4096,
+        lr=0.0006,
+        warmup_steps=2000,
+        mesh={"fsdp": -1},
+    )

@@ -1,0 +1,25 @@
+"""Pretraining qwen3.5-35b-a3b from scratch: 4M tokens per step, 400B tokens.
+
+    python -m train.main --config=configs/qwen3_5_35b_a3b.py \
+        --workdir=/mnt/shared/runs/qwen3_5_35b_a3b \
+        --config.data.path='gs://BUCKET/data/train-*.array_record' \
+        --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
+
+Sized for a TPU v5p-256 (128 chips): fsdp 16 x expert 8.
+Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
+weights): see `train.config_schema.pretrain_config`.
+"""
+
+from train.config_schema import pretrain_config
+
+
+def get_config():
+    return pretrain_config(
+        "qwen3.5-35b-a3b",
+        steps=100_000,
+        batch_size=1024,
+        seq_len=4096,
+        lr=0.0004,
+        warmup_steps=2000,
+        mesh={"fsdp": -1, "expert": 8},
+    )

@@ -1,0 +1,25 @@
+"""Pretraining qwen3.5-397b-a17b from scratch: 16M tokens per step, 1.6T tokens.
+
+    python -m train.main --config=configs/qwen3_5_397b_a17b.py \
+        --workdir=/mnt/shared/runs/qwen3_5_397b_a17b \
+        --config.data.path='gs://BUCKET/data/train-*.array_record' \
+        --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
+
+Sized for a TPU v5p-2048 (1024 chips): fsdp 16 x tensor 2 x expert 32.
+Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
+weights): see `train.config_schema.pretrain_config`.
+"""
+
+from train.config_schema import pretrain_config
+
+
+def get_config():
+    return pretrain_config(
+        "qwen3.5-397b-a17b",
+        steps=100_000,
+        batch_size=4096,
+        seq_len=4096,
+        lr=0.00015,
+        warmup_steps=2000,
+        mesh={"fsdp": -1, "expert": 32, "tensor": 2},
+    )

@@ -1,0 +1,180 @@
+"""The pretraining CLI end to end, as a user runs it: bad overrides, exact resume, SIGTERM,
+incomplete checkpoints. Each run is a subprocess of `python -m train.main` on configs/tiny_cpu.py
+(one CPU device); a shared persistent compilation cache keeps the repeated compiles cheap."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
+QUIET = ["--config.train.completion_tokens=0", "--config.train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    e = dict(os.environ)
+    e.update(
+        XLA_FLAGS="",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+    return e
+
+
+def cli(workdir, *overrides, env, config=TINY, timeout=600):
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.main",
+        f"--workdir={workdir}",
+        f"--config={config}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def steps_on_disk(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("--config.train.stpes=3", ["train.stpes", "train.steps"]),
+        (
+            "--config.model.text_config.num_hiden_layers=8",
+            ["model.text_config.num_hiden_layers", "num_hidden_layers"],
+        ),
+        ("--config.optimizer.lr=fast", ["optimizer.lr"]),
+        ("--config.train.steps=1.5", ["train.steps"]),
+        ("--config.model.text_config.num_hidden_layers=0", ["model.text_config.num_hidden_layers"]),
+        ("--config.train.nan_policy=ignore", ["train.nan_policy"]),
+    ],
+)
+def test_bad_override_is_refused_naming_the_key(tmp_path, env, override, names):
+    workdir = tmp_path / "run"
+    t0 = time.perf_counter()
+    r = cli(workdir, override, env=env)
+    assert r.returncode != 0
+    for name in names:
+        assert name in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not workdir.exists(), "refused before any work: nothing may be written"
+    assert time.perf_counter() - t0 < 60
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("straight")
+    r = cli(workdir, "--config.train.steps=6", "--config.checkpoint.every_steps=3", *QUIET, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("resumed")
+    args = ["--config.train.steps=6", "--config.checkpoint.every_steps=3", *QUIET]
+    first = cli(workdir, *args, "--config.train.run_steps=3", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert steps_on_disk(workdir) == [3]
+    second = cli(workdir, *args, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint step 3" in second.stdout
+    return workdir
+
+
+def test_resume_gives_exactly_the_losses_of_a_straight_run(straight_run, resumed_run):
+    want, got = losses(straight_run), losses(resumed_run)
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    assert steps_on_disk(resumed_run) == [3, 6]
+    config = json.loads((resumed_run / "config.json").read_text())
+    assert config["train"]["steps"] == 6
+    assert config["model"]["text_config"]["num_hidden_layers"] == 2
+
+
+def test_incomplete_checkpoint_is_skipped_with_a_warning(resumed_run, tmp_path, env):
+    workdir = tmp_path / "copy"
+    shutil.copytree(resumed_run, workdir)
+    ckpt = workdir / "checkpoints"
+    shutil.rmtree(ckpt / "6" / "state")  # a step whose state never got written
+    (ckpt / "9.orbax-checkpoint-tmp-1234").mkdir()  # a save cut short by a crash
+    r = cli(workdir, "--config.train.steps=6", "--config.checkpoint.every_steps=3", *QUIET, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "9.orbax-checkpoint-tmp-1234 was left incomplete" in r.stderr
+    assert "checkpoint step 6 is incomplete or unreadable" in r.stderr
+    assert "resumed from checkpoint step 3" in r.stdout
+    assert sorted(os.listdir(str(ckpt) + ".incomplete")) == ["6", "9.orbax-checkpoint-tmp-1234"]
+    assert steps_on_disk(workdir) == [3, 6]
+    # steps 4..6 were trained again from step 3: the same losses as the first time
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    again = {r["step"]: r["loss"] for r in rows[-3:]}
+    first = losses(resumed_run)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path, env):
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.main",
+        f"--workdir={workdir}",
+        f"--config={TINY}",
+        "--config.train.steps=100000",
+        "--config.checkpoint.every_steps=100000",
+        *QUIET,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted: checkpoint saved at step" in out
+    (saved,) = steps_on_disk(workdir)
+    assert saved >= 2
+    logged = max(losses(workdir))
+    assert logged == saved  # every step taken was logged and is in the checkpoint
+
+    r = cli(
+        workdir,
+        "--config.train.steps=100000",
+        "--config.checkpoint.every_steps=100000",
+        "--config.train.run_steps=2",
+        *QUIET,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from checkpoint step {saved}" in r.stdout
+    assert steps_on_disk(workdir) == [saved, saved + 2]
+    assert sorted(losses(workdir))[-2:] == [saved + 1, saved + 2]

@@ -1,0 +1,189 @@
+"""Checkpoints with orbax: async saves, keep-k, resume from the latest complete one, SIGTERM.
+
+Layout: `<workdir>/<checkpoint.dir>/<step>/{state, data}`: `state` is the TrainState (params,
+optimizer state, step, skipped count; orbax StandardSave), `data` the input iterator state
+(grain's handler: one JSON file per process), both captured at the moment `save` is called.
+
+Safety:
+  * orbax writes a step into a temporary directory and renames it when complete, and deletes
+    old steps (beyond `keep`) only after a new one is complete, so a save that fails or is cut
+    short by a crash never touches the last good checkpoint.
+  * On start, leftovers of interrupted saves (`*.orbax-checkpoint-tmp-*`) and step directories
+    that do not restore are moved to `<dir>.incomplete/` with a warning, and the run resumes
+    from the newest step that restores. If no step restores the run stops with an error rather
+    than silently starting over (the likely cause is a changed model config).
+  * `PreemptionGuard` turns SIGTERM into a flag; the loop then saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+_TMP_MARKER = ".orbax-checkpoint-tmp"
+
+
+class _StateSnapshot:
+    """The data iterator's state frozen at save time (orbax may write it later, async)."""
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class Checkpointer:
+    """Async orbax CheckpointManager over `directory` for (TrainState, data iterator)."""
+
+    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._keep = keep
+        self._async = async_save
+        self._last_saved: int | None = None
+        os.makedirs(self.directory, exist_ok=True)
+        for name in sorted(os.listdir(self.directory)):
+            if _TMP_MARKER in name:
+                logging.warning(
+                    "checkpoint %s was left incomplete (interrupted save); skipped", name
+                )
+                self._set_aside(name)
+        self._mngr = self._manager()
+
+    def _manager(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self._keep, enable_async_checkpointing=self._async, create=True
+        )
+        return ocp.CheckpointManager(self.directory, options=options)
+
+    def _set_aside(self, name: str) -> None:
+        if jax.process_index() != 0:
+            return
+        aside = f"{self.directory}.incomplete"
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, name)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        shutil.move(os.path.join(self.directory, name), target)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def restore_latest(self, abstract_state: Any, data_iter: Any) -> tuple[Any, int] | None:
+        """(state, step) from the newest step that restores (data_iter set too), else None.
+
+        Steps newer than the one restored are unreadable: they are set aside with a warning.
+        """
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        failed: list[tuple[int, str]] = []
+        for step in steps:
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            )
+            try:
+                restored = self._mngr.restore(step, args=args)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                logging.warning(
+                    "checkpoint step %d is incomplete or unreadable, skipped: %s", step, _short(e)
+                )
+                failed.append((step, _short(e)))
+                continue
+            for bad, _ in failed:
+                self._set_aside(str(bad))
+            if failed:
+                self._mngr = self._manager()
+            return restored.state, step
+        if failed:
+            raise RuntimeError(
+                f"no checkpoint in {self.directory} restores (tried steps "
+                f"{[s for s, _ in failed]}); the newest failed with: {failed[0][1]}. A changed "
+                "model or optimizer config cannot resume these; use a new workdir."
+            )
+        return None
+
+    def save(self, step: int, state: Any, data_iter: Any) -> None:
+        """Starts an async save of `state` and the iterator's current position at `step`."""
+        if step == self._last_saved or step in self._mngr.all_steps():
+            return
+        self._last_saved = step
+        snapshot = _StateSnapshot(data_iter.get_state())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(snapshot)
+        )
+        self._mngr.save(step, args=args, force=True)
+
+    def preemption_reached(self, step: int, local_request: bool) -> bool:
+        """Whether to save and stop now: the local SIGTERM flag on one host; with several
+        hosts, jax's preemption sync point, so that all hosts stop at the same step."""
+        if jax.process_count() == 1:
+            return local_request
+        return self._mngr.reached_preemption(step)
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def checkpoint_step_dir(path: str) -> str:
+    """A step directory: `path` itself if it holds `state`, else its newest numeric subdir."""
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    steps = [int(n) for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+    if not steps:
+        raise FileNotFoundError(f"{path!r} is neither a checkpoint step dir nor holds any")
+    return os.path.join(path, str(max(steps)))
+
+
+def restore_params(path: str, abstract_params: Any) -> Any:
+    """The params of one of our checkpoints (`path`: step dir or checkpoint dir), as given by
+    `abstract_params` (ShapeDtypeStructs with shardings); optimizer state is not read."""
+    item_dir = os.path.join(checkpoint_step_dir(path), "state")
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True,
+    )
+    return ocp.PyTreeCheckpointer().restore(item_dir, args=args)["params"]
+
+
+class PreemptionGuard:
+    """Context manager: SIGTERM sets `requested` (the loop saves and exits) instead of killing."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.requested = False
+        self._signals = signals
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        logging.warning("received signal %d: saving a checkpoint and exiting", signum)
+        self.requested = True
+
+    def __enter__(self) -> PreemptionGuard:
+        for s in self._signals:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,325 @@
+"""The training config: one ml_collections ConfigDict with these sections, validated up front.
+
+    train       steps, batch_size (global rows), seq_len, grad_accum (micro-batches per step),
+                log_every, seed, nan_policy ("skip": a non-finite step leaves the state unchanged
+                and is counted; "stop": the run also stops, without saving), mtp_lambda (weight of
+                the MTP loss), z_loss (coefficient of mean logsumexp^2), peak_tflops_per_device
+                (MFU denominator; 0 = from the device kind, measured on CPU), prompts and
+                completion_tokens (greedy completions printed at the end), run_steps (stop
+                after this many steps of this invocation, with a checkpoint, as a job with a
+                time limit would; 0 = no limit)
+    checkpoint  every_steps, keep, dir (relative to the workdir), async_save
+    mesh        data, fsdp, tensor, expert, sequence (one may be -1: the remaining devices);
+                dcn_data, ..., dcn_sequence: the same axes across slices of a multi-slice pod
+                (the mesh axis is then dcn_x * x; default 1)
+    optimizer   lr, schedule ("cosine" | "wsd"), warmup_steps, decay_fraction (WSD: final
+                fraction of steps that decays), min_lr_ratio, b1, b2, eps, weight_decay, clip_norm
+                (0 = off)
+    data        kind ("stdlib" | "text" | "jsonl" | "arrayrecord"), path (comma-separated globs),
+                record_format ("text" | "json", ArrayRecord), text_key, max_bytes (stdlib cap),
+                tokenizer ("sentencepiece" | "hf"), tokenizer_path ("" = train a sentencepiece
+                model of vocab_size pieces into the workdir), vocab_size, read_threads,
+                num_shards (virtual data shards, each feeding batch_size / num_shards rows; a
+                host reads only the shards behind its rows; 0 = one per process. Fix it to a
+                multiple of the process count to make the data independent of the host count)
+    model       `Qwen35Config.to_dict()` of a preset: Hugging Face field names, e.g.
+                model.text_config.num_hidden_layers, ...full_attention_interval,
+                ...num_experts, ...mtp_num_hidden_layers; runtime fields compute_dtype,
+                param_dtype, remat_policy, gdn_chunk_size. Text-only (vision_config None).
+    init        from_hf (a Hugging Face checkpoint dir: its weights and config.json replace
+                `model`, except the runtime fields; its tokenizer.json is used unless
+                data.tokenizer_path is set; fresh optimizer and step), from_checkpoint (one of
+                our orbax checkpoints: a step dir or a checkpoint dir (latest step); params only)
+
+`validate` turns every bad value into a `ConfigValueError` naming the dotted key, before any
+compute; `main.py` reports it as a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+import qwen35_jax
+
+NAN_POLICIES = ("skip", "stop")
+SCHEDULES = ("cosine", "wsd")
+DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord")
+TOKENIZERS = ("sentencepiece", "hf")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+_OPTIONAL_INTS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+class ConfigValueError(ValueError):
+    """A config value that cannot run; the message starts with the dotted key."""
+
+
+def model_section(model: str | qwen35_jax.Qwen35Config) -> ml_collections.ConfigDict:
+    """`config.model`: a preset (name or config) as a ConfigDict of its `to_dict()` form.
+
+    Lists become tuples and optional token ids typed placeholders, so every field can be
+    overridden from the command line. The vision tower is dropped: pretraining is text-only.
+    """
+    cfg = qwen35_jax.get_config(model) if isinstance(model, str) else model
+    d = cfg.replace(vision_config=None).to_dict()
+
+    def convert(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: convert(v) for k, v in x.items()}
+        return tuple(x) if isinstance(x, list) else x
+
+    d = convert(d)
+    section = ml_collections.ConfigDict(d)
+    for name in _OPTIONAL_INTS:
+        if d["text_config"][name] is None:
+            section.text_config[name] = config_dict.placeholder(int)
+    return section
+
+
+def base_config(model: str = "tiny-moe") -> ml_collections.ConfigDict:
+    """Every key with its default; the files in configs/ start from this and override."""
+    c = ml_collections.ConfigDict()
+    c.train = dict(
+        steps=100,
+        batch_size=8,
+        seq_len=256,
+        grad_accum=1,
+        log_every=10,
+        seed=0,
+        nan_policy="skip",
+        mtp_lambda=0.3,
+        z_loss=0.0,
+        peak_tflops_per_device=0.0,
+        prompts=("def ", "import "),
+        completion_tokens=32,
+        run_steps=0,
+    )
+    c.checkpoint = dict(every_steps=100, keep=3, dir="checkpoints", async_save=True)
+    c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1, sequence=1)
+    c.mesh.update({f"dcn_{a}": 1 for a in MESH_AXES})
+    c.optimizer = dict(
+        lr=3e-4,
+        schedule="cosine",
+        warmup_steps=100,
+        decay_fraction=0.2,
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_norm=1.0,
+    )
+    c.data = dict(
+        kind="stdlib",
+        path="",
+        record_format="text",
+        text_key="text",
+        max_bytes=3_000_000,
+        tokenizer="sentencepiece",
+        tokenizer_path="",
+        vocab_size=1024,
+        read_threads=1,
+        num_shards=0,
+    )
+    c.model = model_section(model)
+    c.init = dict(
+        from_hf=config_dict.placeholder(str), from_checkpoint=config_dict.placeholder(str)
+    )
+    return c
+
+
+def pretrain_config(
+    preset: str,
+    *,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    warmup_steps: int,
+    mesh: dict[str, int],
+    remat_policy: str = "dots_no_batch",
+) -> ml_collections.ConfigDict:
+    """A pod pretraining config for a released preset: bfloat16 compute with float32 params and
+    optimizer state, WSD schedule (10% decay), Qwen's own tokenizer (`data.tokenizer_path`: a
+    directory holding its tokenizer.json), ArrayRecord data (`data.path` must be given), MTP
+    loss weight 0.3, z-loss 1e-4, remat of non-batch dots.
+
+    The `fsdp: -1` mesh axis absorbs whatever devices are present; keep `train.batch_size`
+    divisible by the batch-sharding axes (data x fsdp x expert). The workdir must be a path
+    shared by all hosts. To continue from released weights instead of starting from scratch,
+    add `--config.init.from_hf=/path/to/checkpoint-dir` (or `init.from_checkpoint` for a
+    converted orbax checkpoint)."""
+    c = base_config(preset)
+    c.model.compute_dtype = "bfloat16"
+    c.model.remat_policy = remat_policy
+    c.train.update(
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        log_every=50,
+        mtp_lambda=0.3,
+        z_loss=1e-4,
+        completion_tokens=0,
+    )
+    c.optimizer.update(
+        lr=lr,
+        schedule="wsd",
+        warmup_steps=warmup_steps,
+        decay_fraction=0.1,
+        min_lr_ratio=0.01,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        clip_norm=1.0,
+    )
+    c.checkpoint.update(every_steps=1000, keep=3)
+    c.mesh.update(data=1, fsdp=1, tensor=1, expert=1, sequence=1)
+    c.mesh.update(mesh)
+    c.data.update(
+        kind="arrayrecord",
+        path="",
+        record_format="json",
+        text_key="text",
+        tokenizer="hf",
+        tokenizer_path="",
+        read_threads=16,
+    )
+    return c
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigValueError(f"{key}={value!r} {expected}")
+
+
+def _choice(c: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
+    value = _get(c, key)
+    if value not in choices:
+        _fail(key, value, f"must be one of {choices}")
+
+
+def _positive(c: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        value = _get(c, key)
+        if not (value >= 0 if allow_zero else value > 0):
+            _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
+
+
+def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        c = c[part]
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
+    """`config.model` as a validated Qwen35Config (ConfigValueError naming `model.<key>`)."""
+    try:
+        return qwen35_jax.Qwen35Config.from_dict(config.model.to_dict())
+    except qwen35_jax.ConfigError as e:
+        raise ConfigValueError(f"model.{e}") from None
+
+
+def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
+    """Checks every section (no compute, no files read); returns the model config."""
+    t = config.train
+    _positive(
+        config,
+        "train.steps",
+        "train.batch_size",
+        "train.seq_len",
+        "train.grad_accum",
+        "train.log_every",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "optimizer.lr",
+        "data.vocab_size",
+        "data.read_threads",
+    )
+    _positive(
+        config,
+        "train.mtp_lambda",
+        "train.z_loss",
+        "train.peak_tflops_per_device",
+        "train.completion_tokens",
+        "train.seed",
+        "train.run_steps",
+        "optimizer.warmup_steps",
+        "optimizer.weight_decay",
+        "optimizer.clip_norm",
+        "optimizer.eps",
+        "optimizer.min_lr_ratio",
+        "data.max_bytes",
+        "data.num_shards",
+        allow_zero=True,
+    )
+    if t.batch_size % t.grad_accum:
+        _fail(
+            "train.batch_size",
+            t.batch_size,
+            f"must be divisible by train.grad_accum={t.grad_accum}",
+        )
+    _choice(config, "train.nan_policy", NAN_POLICIES)
+    _choice(config, "optimizer.schedule", SCHEDULES)
+    _choice(config, "data.kind", DATA_KINDS)
+    _choice(config, "data.tokenizer", TOKENIZERS)
+    _choice(config, "data.record_format", ("text", "json"))
+    for key in ("optimizer.b1", "optimizer.b2"):
+        if not 0.0 <= _get(config, key) < 1.0:
+            _fail(key, _get(config, key), "must be in [0, 1)")
+    for key in ("optimizer.decay_fraction", "optimizer.min_lr_ratio"):
+        if not 0.0 <= _get(config, key) <= 1.0:
+            _fail(key, _get(config, key), "must be in [0, 1]")
+    sizes = [config.mesh[a] for a in MESH_AXES]
+    for axis, size in zip(MESH_AXES, sizes, strict=True):
+        if size == 0 or size < -1:
+            _fail(f"mesh.{axis}", size, "must be a positive size or -1 (the remaining devices)")
+    for axis in MESH_AXES:
+        if config.mesh[f"dcn_{axis}"] < 1:
+            _fail(f"mesh.dcn_{axis}", config.mesh[f"dcn_{axis}"], "must be >= 1")
+    if sizes.count(-1) > 1:
+        _fail("mesh", dict(zip(MESH_AXES, sizes, strict=True)), "may have at most one -1 axis")
+    if config.data.kind != "stdlib" and not config.data.path:
+        _fail("data.path", config.data.path, f"must be set for data.kind={config.data.kind!r}")
+    if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init.from_hf:
+        _fail("data.tokenizer_path", "", "must be set for data.tokenizer='hf'")
+    if config.init.from_hf and config.init.from_checkpoint:
+        _fail(
+            "init.from_checkpoint",
+            config.init.from_checkpoint,
+            "cannot be combined with init.from_hf",
+        )
+    return model_config(config)
+
+
+def mesh_devices_check(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The mesh must cover `num_devices` and the micro-batch must split over the batch axes."""
+    sizes = {a: config.mesh[a] for a in MESH_AXES}
+    dcn = {a: config.mesh[f"dcn_{a}"] for a in MESH_AXES}
+    known = 1
+    for a, size in sizes.items():
+        known *= (size if size > 0 else 1) * dcn[a]
+    free = [a for a, s in sizes.items() if s == -1]
+    if (free and num_devices % known) or (not free and known != num_devices):
+        shown = {**sizes, **{f"dcn_{a}": n for a, n in dcn.items() if n != 1}}
+        _fail("mesh", shown, f"does not fit the {num_devices} devices present")
+    if free:
+        sizes[free[0]] = num_devices // known
+    sizes = {a: n * dcn[a] for a, n in sizes.items()}
+    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % batch_ways:
+        _fail(
+            "train.batch_size",
+            config.train.batch_size,
+            f"/ train.grad_accum={config.train.grad_accum} must be divisible by the "
+            f"{batch_ways} batch shards (mesh data*fsdp*expert)",
+        )
+
+
+def resolved_json(config: ml_collections.ConfigDict, model: qwen35_jax.Qwen35Config) -> str:
+    """The config as run (JSON), with `model` the model actually built (e.g. from init.from_hf)."""
+    d = config.to_dict()
+    d["model"] = model.to_dict()
+    return json.dumps(d, indent=2, sort_keys=True, default=str)

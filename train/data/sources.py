@@ -1,0 +1,126 @@
+"""Random-access record sources (grain `RandomAccessDataSource` protocol: len + getitem).
+
+A record is raw bytes, or None when it cannot be read (the pipeline skips and counts those):
+
+    kind "text"         one record per file (a whole file is one document); `path` is a glob
+    kind "jsonl"        one record per line of JSON-lines files; the document is `text_key`
+    kind "arrayrecord"  one record per ArrayRecord entry; UTF-8 text, or JSON when
+                        `record_format="json"`
+    kind "stdlib"       "text" over the Python standard library's *.py files (see stdlib.py)
+
+`path` may hold several comma-separated globs. `decode_record` turns a raw record into the
+document text, returning None for an empty or malformed record.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from train.data.stdlib import stdlib_files
+
+KINDS = ("text", "jsonl", "arrayrecord", "stdlib")
+
+
+def list_files(pattern: str) -> list[str]:
+    """The sorted files matched by comma-separated glob patterns (`**` recurses)."""
+    files: set[str] = set()
+    for part in (p.strip() for p in pattern.split(",")):
+        if part:
+            files.update(
+                f for f in glob.glob(os.path.expanduser(part), recursive=True) if os.path.isfile(f)
+            )
+    return sorted(files)
+
+
+class FileSource:
+    """One record per file: the file's bytes (None if it cannot be read)."""
+
+    def __init__(self, files: Sequence[str]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> bytes | None:
+        try:
+            with open(self.files[index], "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def __repr__(self) -> str:
+        return f"FileSource({len(self.files)} files)"
+
+
+class JsonlSource:
+    """One record per non-blank line of JSON-lines files, by a byte-offset index built once."""
+
+    def __init__(self, files: Sequence[str]):
+        self.files = list(files)
+        file_ids, offsets, lengths = [], [], []
+        for i, path in enumerate(self.files):
+            pos = 0
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        file_ids.append(i)
+                        offsets.append(pos)
+                        lengths.append(len(line))
+                    pos += len(line)
+        self._file_N = np.asarray(file_ids, np.int32)
+        self._offset_N = np.asarray(offsets, np.int64)
+        self._length_N = np.asarray(lengths, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._file_N)
+
+    def __getitem__(self, index: int) -> bytes | None:
+        try:
+            with open(self.files[self._file_N[index]], "rb") as f:
+                f.seek(int(self._offset_N[index]))
+                return f.read(int(self._length_N[index]))
+        except OSError:
+            return None
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({len(self)} lines in {len(self.files)} files)"
+
+
+def open_source(kind: str, path: str, *, max_bytes: int = 0):
+    """The record source of a `data.kind` and `data.path` (see the module docstring).
+
+    For kind "stdlib", `path` (optional) replaces the stdlib root and `max_bytes` caps the corpus.
+    """
+    if kind == "stdlib":
+        return FileSource(stdlib_files(path or None, max_bytes=max_bytes))
+    files = list_files(path)
+    if not files:
+        raise FileNotFoundError(f"data.path={path!r} matches no files")
+    if kind == "text":
+        return FileSource(files)
+    if kind == "jsonl":
+        return JsonlSource(files)
+    if kind == "arrayrecord":
+        return grain.sources.ArrayRecordDataSource(files)
+    raise ValueError(f"data.kind={kind!r} must be one of {KINDS}")
+
+
+def decode_record(raw: bytes | None, record_format: str, text_key: str) -> str | None:
+    """The document text of a raw record, or None (unreadable, not UTF-8, bad JSON, empty)."""
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8")
+        if record_format == "json":
+            text = json.loads(text)[text_key]
+            if not isinstance(text, str):
+                return None
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return text if text.strip() else None

@@ -1,0 +1,291 @@
+"""The training loop: prepare, build or restore the state, step, log, checkpoint, complete.
+
+    run(config, workdir)
+      prepare data (source, tokenizer, unigram entropy)     prepare.py
+      model config (+ weights from init.from_hf)            config_schema.py, qwen35_jax.load_hf
+      mesh, abstract state and shardings                    state.py
+      restore the latest complete checkpoint, or init       checkpointing.py
+      for each step: next batch -> train_step (jitted, donating the state); the previous step's
+        metrics are read now (one step late, so the host never waits for the device); NaN/Inf
+        policy; log every `log_every`; save every `checkpoint.every_steps`; SIGTERM -> save, exit
+      save at the end, print greedy completions
+
+The data iterator is advanced exactly once per step before the step runs, so a checkpoint
+written after step s holds the iterator positioned at batch s: resume repeats and skips nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+import qwen35_jax
+from qwen35_jax import sharding
+from qwen35_jax.convert import orbax_io
+from train import config_schema, flops
+from train.checkpointing import Checkpointer, PreemptionGuard, restore_params
+from train.data.pipeline import DataIterator, TokenizeRecord, build_dataset, shards_for_rows
+from train.metrics import MetricsLogger
+from train.optimizer import make_optimizer
+from train.prepare import PreparedData, prepare_data
+from train.sampling import greedy_complete
+from train.state import abstract_state, check_params_match, init_state
+from train.step import make_train_step
+
+_RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "remat_policy", "gdn_chunk_size")
+
+
+class NonFiniteLossError(RuntimeError):
+    """nan_policy="stop" met a NaN/Inf loss or gradient; the last checkpoint is intact."""
+
+
+def _say(*args: Any) -> None:
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def _model_and_params(config: ml_collections.ConfigDict) -> tuple[qwen35_jax.Qwen35Config, Any]:
+    """The model config, and initial params when they come from a Hugging Face checkpoint.
+
+    With `init.from_hf` or a converted `init.from_checkpoint` (`hf-to-orbax` output) the
+    checkpoint's config.json replaces `model`, except the runtime fields (dtypes, remat, chunk).
+    """
+    model_cfg = config_schema.model_config(config)
+    runtime = {name: getattr(model_cfg, name) for name in _RUNTIME_FIELDS}
+    if config.init.from_hf:
+        hf_cfg, params = qwen35_jax.load_hf(config.init.from_hf, jnp.float32)
+        return hf_cfg.replace(**runtime), params
+    ckpt = config.init.from_checkpoint
+    if ckpt and orbax_io.is_converted_checkpoint(ckpt):
+        return qwen35_jax.Qwen35Config.from_hf(ckpt).replace(**runtime), None
+    return model_cfg, None
+
+
+def _batch_shardings(mesh: jax.sharding.Mesh, shape: tuple[int, int]) -> dict[str, Any]:
+    boxed = nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.int32), names=("batch", "length"))
+    batch_sharding = sharding.logical_to_mesh_sharding({"x": boxed}, mesh)["x"]
+    return {k: batch_sharding for k in ("tokens", "segment_ids", "positions")}
+
+
+def _global_batch(
+    host_batch: dict[str, np.ndarray], shardings: dict[str, Any], shape
+) -> dict[str, jax.Array]:
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], v, shape)
+        for k, v in host_batch.items()
+    }
+
+
+def make_data_iterator(
+    config: ml_collections.ConfigDict, prepared: PreparedData, mesh: jax.sharding.Mesh
+) -> DataIterator:
+    """This host's iterator of packed batches: the data shards behind the rows it holds."""
+    t = config.train
+    num_shards = config.data.num_shards or jax.process_count()
+    rows = sharding.process_batch_slice(mesh, t.batch_size)
+    try:
+        shards = shards_for_rows(rows, t.batch_size, num_shards)
+    except ValueError as e:
+        raise config_schema.ConfigValueError(str(e)) from None
+    tokenize = TokenizeRecord(prepared.decode, prepared.tokenizer)
+    datasets = [
+        build_dataset(
+            prepared.source,
+            tokenize,
+            seq_len=t.seq_len,
+            rows_per_shard=t.batch_size // num_shards,
+            seed=t.seed,
+            shard_index=i,
+            shard_count=num_shards,
+            read_threads=config.data.read_threads,
+        )
+        for i in shards
+    ]
+    return DataIterator(datasets, tokenize)
+
+
+def _initial_params(config, hf_params, abstract, shardings):
+    """Parameters of `init.*` (fresh optimizer and step), or None for a random init."""
+    if hf_params is not None:
+        check_params_match(hf_params, abstract.params, f"init.from_hf={config.init.from_hf!r}")
+        return hf_params
+    ckpt = config.init.from_checkpoint
+    if ckpt and orbax_io.is_converted_checkpoint(ckpt):
+        params = orbax_io.restore_params(ckpt, shardings.params)[1]
+        check_params_match(params, abstract.params, f"init.from_checkpoint={ckpt!r}")
+        return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract.params)
+    if ckpt:
+        return restore_params(ckpt, abstract.params)
+    return None
+
+
+def _completions(config, model_cfg, params, tokenizer) -> list[tuple[str, str]]:
+    prompts = [p for p in config.train.prompts if p]
+    if not prompts or config.train.completion_tokens == 0:
+        return []
+    ids = [tokenizer.encode(p) for p in prompts]
+    outs = greedy_complete(
+        model_cfg, params, ids, config.train.completion_tokens, stop_id=tokenizer.eos_id
+    )
+    return [(p, tokenizer.decode(o)) for p, o in zip(prompts, outs, strict=True)]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
+
+    SIGTERM is caught from the start (data preparation, compilation): the run then stops after
+    its first step, saving a checkpoint.
+    """
+    with PreemptionGuard() as guard:
+        return _run(config, workdir, guard)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard) -> dict[str, Any]:
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    prepared = prepare_data(config, workdir)
+    stats = prepared.stats
+    _say(
+        f"data: {stats['records']} records, {stats['tokens']:,} tokens sampled; unigram entropy "
+        f"{stats['unigram_entropy_nats']:.3f} nats/token ({stats['unigram_entropy_bits']:.2f} "
+        "bits)"
+    )
+    model_cfg, hf_params = _model_and_params(config)
+    vocab = model_cfg.text_config.vocab_size
+    if prepared.tokenizer.vocab_size > vocab:
+        raise config_schema.ConfigValueError(
+            f"model.text_config.vocab_size={vocab} is smaller than the tokenizer's "
+            f"{prepared.tokenizer.vocab_size} pieces"
+        )
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_schema.resolved_json(config, model_cfg))
+
+    mesh = sharding.mesh_from_config(config.mesh)
+    tx, schedule = make_optimizer(config.optimizer, t.steps)
+    abstract, shardings = abstract_state(model_cfg, tx, mesh)
+    data_iter = make_data_iterator(config, prepared, mesh)
+    ckpt = Checkpointer(
+        os.path.join(workdir, config.checkpoint.dir),
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    restored = ckpt.restore_latest(abstract, data_iter)
+    if restored is not None:
+        state, start = restored
+        _say(f"resumed from checkpoint step {start} in {ckpt.directory}")
+    else:
+        params = _initial_params(config, hf_params, abstract, shardings)
+        state, start = init_state(model_cfg, tx, mesh, jax.random.key(t.seed), params), 0
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
+
+    shape = (t.batch_size, t.seq_len)
+    batch_shardings = _batch_shardings(mesh, shape)
+    step_fn = jax.jit(
+        make_train_step(model_cfg, tx, schedule, t),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and t.mtp_lambda > 0
+    flops_per_step = flops.train_flops_per_token(model_cfg, t.seq_len, with_mtp) * np.prod(shape)
+    peak = t.peak_tflops_per_device * 1e12 or flops.peak_flops_per_device()
+    logger = MetricsLogger(
+        workdir,
+        total_steps=t.steps,
+        tokens_per_step=int(np.prod(shape)),
+        flops_per_step=float(flops_per_step),
+        peak_flops=peak * jax.device_count() if peak else None,
+        enabled=jax.process_index() == 0,
+    )
+
+    rows: list[dict[str, Any]] = []
+    stop_at = min(t.steps, start + t.run_steps) if t.run_steps else t.steps
+    step, pending, preempted = start, None, False
+    t0 = time.perf_counter()
+
+    window: list[float] = []  # main losses of the steps since the last logged one
+
+    def drain(item) -> None:
+        """Reads a finished step's metrics (one step late) and applies the NaN policy."""
+        done_step, metrics = item
+        loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
+        if finite:
+            window.append(float(loss))
+        if done_step % t.log_every and done_step != stop_at and finite:
+            return
+        host = jax.device_get(metrics)
+        extra = {"loss_last": float(host["loss"]), "data_skipped": data_iter.skipped}
+        if window:
+            host["loss"] = np.mean(window)  # the mean over the logging interval
+        window.clear()
+        rows.append(logger.log(done_step, host, extra))
+        if not finite:
+            _say(
+                f"step {done_step}: non-finite loss or gradient; update skipped "
+                f"({int(host['skipped'])} so far)"
+            )
+            if t.nan_policy == "stop":
+                ckpt.close()
+                raise NonFiniteLossError(
+                    f"step {done_step}: loss or gradient is NaN/Inf (train.nan_policy='stop'); "
+                    f"stopping without saving; the last checkpoint ({ckpt.latest_step()}) is "
+                    "intact"
+                )
+
+    with jax.set_mesh(mesh), sharding.axis_rules():
+        while step < stop_at:
+            batch = _global_batch(next(data_iter), batch_shardings, shape)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                drain(pending)
+            pending = (step, metrics)
+            if step % config.checkpoint.every_steps == 0:
+                ckpt.save(step, state, data_iter)
+            if ckpt.preemption_reached(step, guard.requested):
+                preempted = True
+                break
+        if pending is not None:
+            drain(pending)
+    ckpt.save(step, state, data_iter)
+    ckpt.close()
+    logger.close()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "start_step": start,
+        "step": step,
+        "preempted": preempted,
+        "rows": rows,
+        "train_seconds": elapsed,
+        "unigram_entropy": stats["unigram_entropy_nats"],
+    }
+    if preempted:
+        _say(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
+        return summary
+    if step < t.steps:
+        _say(f"stopped after train.run_steps={t.run_steps}: checkpoint saved at step {step}")
+        return summary
+    if rows:
+        summary["final_loss"] = float(rows[-1]["loss"])  # mean over the last logging interval
+        _say(
+            f"done: {step} steps in {elapsed:.0f}s; final loss {summary['final_loss']:.3f} "
+            f"nats/token vs unigram entropy {stats['unigram_entropy_nats']:.3f}"
+        )
+    if jax.process_index() == 0:
+        with jax.set_mesh(mesh), sharding.axis_rules():
+            completions = _completions(config, model_cfg, state.params, prepared.tokenizer)
+        summary["completions"] = completions
+        if completions:
+            _say("greedy completions:")
+            for prompt, text in completions:
+                _say(f"  {prompt!r} -> {prompt + text!r}")
+    return summary

@@ -1,0 +1,60 @@
+"""Training losses on packed rows, computed in float32.
+
+Targets. For a row of tokens with segment ids (0 = padding), position t predicts token t+s
+(s = 1 for the main head, s = 2 for the MTP head) only when t, t+1, ..., t+s all belong to t's
+document:
+    valid_s[t] = seg[t] != 0  and  seg[t+1] == ... == seg[t+s] == seg[t]      (t + s < T)
+so the last token of a document (its eos) and the token before a padding run get no main target,
+and the MTP head has no target for the last two tokens of a document.
+
+    CE      = sum_t valid_1[t] * -log softmax(logits[t])[tok[t+1]] / sum_t valid_1[t]
+    z-loss  = z * sum_t valid_1[t] * logsumexp(logits[t])^2 / sum_t valid_1[t]
+    MTP     = sum_t valid_2[t] * -log softmax(mtp_logits[t])[tok[t+2]] / sum_t valid_2[t]
+    total   = CE + z-loss + mtp_lambda * MTP + router_aux_loss_coef * MoE aux loss
+
+The functions return sums and counts (not means) so that gradient accumulation over
+micro-batches can normalise by the token count of the whole batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def shifted_targets(
+    tokens_BT: jax.Array, segment_ids_BT: jax.Array, shift: int
+) -> tuple[jax.Array, jax.Array]:
+    """(targets_BT, valid_BT): token t+shift and whether it is a target of position t."""
+    b, t = tokens_BT.shape
+    pad_tok_BS = jnp.zeros((b, shift), tokens_BT.dtype)
+    pad_seg_BS = jnp.zeros((b, shift), segment_ids_BT.dtype)
+    targets_BT = jnp.concatenate([tokens_BT[:, shift:], pad_tok_BS], axis=1)[:, :t]
+    valid_BT = segment_ids_BT != 0
+    for s in range(1, shift + 1):
+        seg_next_BT = jnp.concatenate([segment_ids_BT[:, s:], pad_seg_BS[:, :s]], axis=1)[:, :t]
+        valid_BT = valid_BT & (seg_next_BT == segment_ids_BT)
+    return targets_BT, valid_BT
+
+
+def cross_entropy_sums(
+    logits_BTV: jax.Array, targets_BT: jax.Array, valid_BT: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum of CE, sum of logsumexp^2, number of targets) over valid positions, float32."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    mask_BT = valid_BT.astype(jnp.float32)
+    ce = jnp.sum((lse_BT - target_logit_BT) * mask_BT)
+    z = jnp.sum(jnp.square(lse_BT) * mask_BT)
+    return ce, z, jnp.sum(mask_BT)
+
+
+def target_counts(segment_ids_BT: jax.Array, with_mtp: bool) -> tuple[jax.Array, jax.Array]:
+    """Number of main-head and MTP targets in a batch (float32 scalars)."""
+    _, valid1_BT = shifted_targets(segment_ids_BT, segment_ids_BT, 1)
+    n1 = jnp.sum(valid1_BT.astype(jnp.float32))
+    if not with_mtp:
+        return n1, jnp.zeros((), jnp.float32)
+    _, valid2_BT = shifted_targets(segment_ids_BT, segment_ids_BT, 2)
+    return n1, jnp.sum(valid2_BT.astype(jnp.float32))

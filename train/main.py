@@ -1,0 +1,99 @@
+"""Pretraining entry point.
+
+    python -m train.main --workdir=DIR [--config=configs/<file>.py] [--config.a.b=value ...]
+
+Without --config the embedded default runs (configs/default.py: a tiny hybrid MoE with MTP on
+the Python standard library's sources, a few minutes on a CPU). Every key of the config can be
+overridden; a misspelled key or a value of the wrong type or range is refused before any compute,
+naming the key. Rerunning the same command in the same workdir resumes from the latest complete
+checkpoint. The keys are documented in train/config_schema.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import runpy
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Training config file (see configs/).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first `--config.<path>` override whose path is not a key, with a suggestion."""
+    default = None
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0]
+        if default is None:
+            config_path = next(
+                (a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), _DEFAULT_CONFIG
+            )
+            file, _, arg = config_path.partition(":")
+            get_config = runpy.run_path(file)["get_config"]
+            default = get_config(arg) if arg else get_config()
+        node = default
+        for i, part in enumerate(path.split(".")):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                prefix = ".".join(path.split(".")[:i])
+                close = difflib.get_close_matches(part, [str(k) for k in keys], n=1)
+                dotted = f"{prefix}." if prefix else ""
+                hint = f"; did you mean {dotted}{close[0]}?" if close else ""
+                return f"unknown config key {path!r}{hint}"
+            node = node[part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that reports bad config overrides as one clean line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        reason = _unknown_override(argv) or f"bad config override: {e}"
+        sys.exit(f"error: {reason}")
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    # Everything is validated before JAX does any work.
+    from train import config_schema  # noqa: PLC0415
+
+    config = _CONFIG.value
+    try:
+        config_schema.validate(config)
+        import jax  # noqa: PLC0415
+
+        from qwen35_jax import sharding  # noqa: PLC0415
+
+        sharding.initialize_distributed()  # joins the other processes of a multi-host job
+        jax.config.update("jax_threefry_partitionable", True)
+        config_schema.mesh_devices_check(config, jax.device_count())
+    except config_schema.ConfigValueError as e:
+        sys.exit(f"error: invalid config: {e}")
+
+    from train import loop  # noqa: PLC0415
+
+    try:
+        loop.run(config, _WORKDIR.value)
+    except (loop.NonFiniteLossError, config_schema.ConfigValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,131 @@
+"""Metrics out of the loop: a console line, `metrics.jsonl` and TensorBoard event files.
+
+The loop hands over each logged step's metrics one step late (already fetched to the host, so
+fetching never stalls the device). Every logged step becomes
+
+    console   step 120/600 | loss 4.1230 | mtp 4.9012 | aux 1.0210 | lr 1.20e-03 | gnorm 0.83 |
+              5,400 tok/s | mfu 12.3% | eta 2m13s
+    jsonl     {"step": 120, "loss": 4.123, "mtp_loss": ..., "tokens_per_s": ..., "mfu": ...,
+               "expert_load": [per-expert share, mean over layers], ...}
+              "loss" is the mean main loss over the steps since the last logged step (finite
+              ones), "loss_last" that of the logged step alone; the other values are the
+              logged step's own
+    events    the same scalars under their names, expert loads as expert_load/<e>
+
+Throughput counts every position of every row (batch_size * seq_len per step) over the wall time
+between two logged steps; the interval that contains compilation is not reported. MFU is model
+FLOPs (flops.py) per second over the peak of all devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from train.event_file import EventFileWriter
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsLogger:
+    """Writes logged steps to the console, `<workdir>/metrics.jsonl` and `<workdir>/tensorboard`."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_step: float,
+        peak_flops: float | None,
+        enabled: bool = True,
+    ):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops
+        self.enabled = enabled
+        self._last: tuple[int, float] | None = None  # (step, time) of the last logged step
+        self._rate: float | None = None  # seconds per step
+        if enabled:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+
+    def log(
+        self, step: int, metrics: dict[str, Any], extra: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """Records the (host) metrics of `step`; returns the row written to metrics.jsonl."""
+        now = time.perf_counter()
+        row: dict[str, Any] = {"step": int(step)}
+        for key, value in metrics.items():
+            value = np.asarray(value)
+            if key == "expert_load":
+                load_E = value.mean(axis=0)
+                row["expert_load"] = [round(float(x), 5) for x in load_E]
+                row["expert_load_max"] = float(load_E.max())
+                row["expert_load_min"] = float(load_E.min())
+            elif value.dtype == bool:
+                row[key] = bool(value)
+            else:
+                row[key] = float(value) if value.dtype.kind == "f" else int(value)
+        row.update(extra or {})
+        if self._last is not None and step > self._last[0]:
+            self._rate = (now - self._last[1]) / (step - self._last[0])
+            row["tokens_per_s"] = self.tokens_per_step / self._rate
+            if self.peak_flops:
+                row["mfu"] = self.flops_per_step / self._rate / self.peak_flops
+        self._last = (step, now)
+        if self.enabled:
+            self._write(row)
+        return row
+
+    def restart_clock(self) -> None:
+        """Forget the last timing point (e.g. after a checkpoint restore or a pause)."""
+        self._last = None
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        scalars = {
+            k: v
+            for k, v in row.items()
+            if k not in ("step", "expert_load") and isinstance(v, (int, float))
+        }
+        for e, load in enumerate(row.get("expert_load", [])):
+            scalars[f"expert_load/{e}"] = load
+        self._events.scalars(row["step"], scalars)
+        print(self.console_line(row), flush=True)
+
+    def console_line(self, row: dict[str, Any]) -> str:
+        parts = [f"step {row['step']}/{self.total_steps}", f"loss {row['loss']:.4f}"]
+        if "mtp_loss" in row:
+            parts.append(f"mtp {row['mtp_loss']:.4f}")
+        if "expert_load" in row:
+            parts.append(f"aux {row['aux_loss']:.3f}")
+            parts.append(f"load {row['expert_load_min']:.2f}-{row['expert_load_max']:.2f}")
+        parts += [f"lr {row['lr']:.2e}", f"gnorm {row['grad_norm']:.3f}"]
+        if row.get("skipped"):
+            parts.append(f"skipped {row['skipped']}")
+        if "tokens_per_s" in row:
+            parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+            parts.append(f"mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "mfu -")
+            eta = (self.total_steps - row["step"]) * (self._rate or float("nan"))
+            parts.append(f"eta {_duration(eta)}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._events.close()
