@@ -13,6 +13,19 @@
 The recurrence runs in `qwen35_jax.ops.gated_delta_rule` (chunkwise parallel, state reset at
 every document start given by `segment_ids`; 0 marks padding and leaves the state untouched).
 
+Sequence parallelism: under a mesh (`jax.set_mesh`) whose `sequence` axis has n > 1 devices, and
+when T divides into slices of at least W-1 tokens, the conv and the recurrence run per slice in a
+`shard_map` over that axis (`qwen35_jax.ops.sequence_parallel`): each device takes the last W-1
+conv inputs of the previous slice as a halo and combines the slices' affine state maps. Otherwise
+(no mesh, n = 1, or T not divisible) the single-device code below runs unchanged.
+
+Decoding (`GDNCache`): `layer(x, segment_ids, return_cache=True)` is a prefill that also returns
+the cache of each row's last document: the last W-1 conv inputs (pre-conv projections; zeros
+before the document start) and the float32 state [B, H, K, V]. `layer(x, None, cache)` continues
+every row's document by T new tokens (T = 1: `gated_delta_rule_step`) and returns the new cache:
+
+    conv window_t = [window_{t-1}[1:], x_t];  y_t = silu(sum_j w_j window_t[j])
+
 Parameter names (ours -> Hugging Face `linear_attn.*`); HF fuses q|k|v into one projection and
 one conv, channel order [q (Nk*K) | k (Nk*K) | v (Nv*V)]; we keep them per head:
     in_proj_q [D, J, K], in_proj_k [D, J, K], in_proj_v [D, H, V]  <- in_proj_qkv.weight [C, D]
@@ -25,14 +38,17 @@ one conv, channel order [q (Nk*K) | k (Nk*K) | v (Nv*V)]; we keep them per head:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import GatedRMSNorm
-from qwen35_jax.ops import gated_delta_rule
+from qwen35_jax.ops import gated_delta_rule, gated_delta_rule_step
+from qwen35_jax.ops import sequence_parallel as sp
 
 KERNEL_INIT = nn.initializers.normal(0.02)
 
@@ -62,6 +78,108 @@ def causal_conv(x_BTC: jax.Array, w_WC: jax.Array, segment_ids_BT: jax.Array) ->
     return y.astype(x_BTC.dtype)
 
 
+def _conv_with_halo(x_BTC, w_WC, segment_ids_BT, halo_BWC, halo_segment_ids_BW):
+    """causal_conv of x after W-1 earlier tokens (the halo), which only feed the taps."""
+    x_BSC = jnp.concatenate([halo_BWC.astype(x_BTC.dtype), x_BTC], axis=1)
+    seg_BS = jnp.concatenate([halo_segment_ids_BW, segment_ids_BT], axis=1)
+    return causal_conv(x_BSC, w_WC, seg_BS)[:, halo_BWC.shape[1] :]
+
+
+def last_window(x_BTC: jax.Array, segment_ids_BT: jax.Array, count: int) -> jax.Array:
+    """The last `count` tokens of each row's last document, [B, count, ...]; zeros before the
+    document start. Trailing padding (segment 0) is skipped."""
+    b, t = segment_ids_BT.shape
+    pos_BT = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    last_B = jnp.max(jnp.where(segment_ids_BT != 0, pos_BT, -1), axis=1)
+    idx_BW = last_B[:, None] - (count - 1) + jnp.arange(count)[None, :]
+    safe_BW = jnp.clip(idx_BW, 0, t - 1)
+    rows_B1 = jnp.arange(b)[:, None]
+    last_seg_B = segment_ids_BT[jnp.arange(b), jnp.maximum(last_B, 0)]
+    keep_BW = (idx_BW >= 0) & (segment_ids_BT[rows_B1, safe_BW] == last_seg_B[:, None])
+    keep_BW = keep_BW & (last_B >= 0)[:, None]
+    trailing = (1,) * (x_BTC.ndim - 2)
+    return jnp.where(keep_BW.reshape(b, count, *trailing), x_BTC[rows_B1, safe_BW], 0)
+
+
+def _conv_features(qp, kp, vp, cq, ck, cv, segment_ids_BT, rep, dtype, halos=None, halo_seg=None):
+    """Conv (after the halos, if given), SiLU, l2norm, key heads repeated to the value heads.
+
+    Returns (q_BTHK, k_BTHK, v_BTHV). Without halos this is exactly the layer's plain path.
+    """
+    if halos is None:
+        convs = (causal_conv(x, w, segment_ids_BT) for x, w in ((qp, cq), (kp, ck), (vp, cv)))
+    else:
+        convs = (
+            _conv_with_halo(x, w, segment_ids_BT, h, halo_seg)
+            for x, w, h in zip((qp, kp, vp), (cq, ck, cv), halos, strict=True)
+        )
+    q_BTJK, k_BTJK, v_BTHV = (jax.nn.silu(y) for y in convs)
+    q_BTHK = jnp.repeat(l2_normalize(q_BTJK), rep, axis=2).astype(dtype)
+    k_BTHK = jnp.repeat(l2_normalize(k_BTJK), rep, axis=2).astype(dtype)
+    return q_BTHK, k_BTHK, v_BTHV
+
+
+def _sequence_parallel_mix(qp, kp, vp, cq, ck, cv, g, beta, segment_ids_BT, rep, dtype, chunk):
+    """The conv and the recurrence per slice of the `sequence` axis: (o_BTHV, final state)."""
+    width = cq.shape[0]
+
+    def body(qp, kp, vp, cq, ck, cv, g, beta, seg):
+        halo_seg = sp.previous_tokens(seg, width - 1, fill=-1)  # -1: no document before
+        halos = tuple(sp.previous_tokens(x, width - 1) for x in (qp, kp, vp))
+        q, k, v = _conv_features(qp, kp, vp, cq, ck, cv, seg, rep, dtype, halos, halo_seg)
+        return sp.local_gated_delta_rule(
+            q, k, v, g, beta, segment_ids=seg, prev_segment_ids=halo_seg[:, -1], chunk_size=chunk
+        )
+
+    tok, rep_ = P(None, sp.SEQUENCE), P()
+    return jax.shard_map(
+        body,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(tok, tok, tok, rep_, rep_, rep_, tok, tok, tok),
+        out_specs=(tok, rep_),
+        axis_names={sp.SEQUENCE},
+    )(qp, kp, vp, cq, ck, cv, g, beta, segment_ids_BT)
+
+
+def _continue(feats, g_BTH, beta_BTH, cache, chunk):
+    """T tokens continuing each row's cached document: (o_BTHV, state_BHKV, conv windows)."""
+    qp, kp, vp = feats[:3]
+    b, t = g_BTH.shape[:2]
+    halos = (cache.conv_q, cache.conv_k, cache.conv_v)
+    halo_seg_BW = jnp.ones((b, halos[0].shape[1]), jnp.int32)
+    q_BTHK, k_BTHK, v_BTHV = _conv_features(*feats, halos, halo_seg_BW)
+    if t == 1:
+        o_BHV, state_BHKV = gated_delta_rule_step(
+            q_BTHK[:, 0], k_BTHK[:, 0], v_BTHV[:, 0], g_BTH[:, 0], beta_BTH[:, 0], cache.state
+        )
+        o_BTHV = o_BHV[:, None]
+    else:
+        o_BTHV, state_BHKV = gated_delta_rule(
+            q_BTHK,
+            k_BTHK,
+            v_BTHV,
+            g_BTH,
+            beta_BTH,
+            initial_state=cache.state,
+            chunk_size=chunk,
+            return_final_state=True,
+        )
+    windows = tuple(
+        jnp.concatenate([h.astype(x.dtype), x], axis=1)[:, t:]
+        for h, x in zip(halos, (qp, kp, vp), strict=True)
+    )
+    return o_BTHV, state_BHKV, windows
+
+
+class GDNCache(NamedTuple):
+    """Decoding cache of one Gated DeltaNet layer (J key heads, H value heads, W conv width)."""
+
+    conv_q: jax.Array  # [B, W-1, J, K] last conv inputs (pre-conv projections), oldest first
+    conv_k: jax.Array  # [B, W-1, J, K]
+    conv_v: jax.Array  # [B, W-1, H, V]
+    state: jax.Array  # [B, H, K, V] float32 recurrent state
+
+
 def _a_log_init(key, shape, dtype=jnp.float32):
     return jnp.log(jax.random.uniform(key, shape, dtype, 0.01, 16.0))
 
@@ -82,7 +200,19 @@ class GatedDeltaNet(nn.Module):
         return w.astype(self.dtype) if cast else w
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        segment_ids_BT: jax.Array | None,
+        cache: GDNCache | None = None,
+        *,
+        return_cache: bool = False,
+    ) -> jax.Array | tuple[jax.Array, GDNCache]:
+        """y_BTD; with `return_cache` (prefill) or a `cache` (decode), (y_BTD, new cache).
+
+        With a cache the T tokens continue each row's cached document: `segment_ids_BT` must be
+        None (no padding, no document starts).
+        """
         c = self.config
         d, w = c.hidden_size, c.linear_conv_kernel_dim
         nk, nv = c.linear_num_key_heads, c.linear_num_value_heads
@@ -101,17 +231,21 @@ class GatedDeltaNet(nn.Module):
         dt_bias = p("dt_bias", (nv,), ("heads",), nn.initializers.ones_init(), cast=False)
         wo = p("out_proj", (nv, vd, d), ("heads", "head_dim", "embed"))
 
-        # padding positions are zeroed first, as the reference does
-        x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0).astype(self.dtype)
-        q_BTJK = jax.nn.silu(
-            causal_conv(jnp.einsum("btd,djk->btjk", x_BTD, wq), cq, segment_ids_BT)
-        )
-        k_BTJK = jax.nn.silu(
-            causal_conv(jnp.einsum("btd,djk->btjk", x_BTD, wk), ck, segment_ids_BT)
-        )
-        v_BTHV = jax.nn.silu(
-            causal_conv(jnp.einsum("btd,dhv->bthv", x_BTD, wv), cv, segment_ids_BT)
-        )
+        b, t = x_BTD.shape[:2]
+        if cache is not None:
+            if segment_ids_BT is not None:
+                raise ValueError(
+                    "GatedDeltaNet with a cache continues one document per row: "
+                    "pass segment_ids_BT=None"
+                )
+            segment_ids_BT = jnp.ones((b, t), jnp.int32)
+        else:
+            # padding positions are zeroed first, as the reference does
+            x_BTD = jnp.where((segment_ids_BT != 0)[..., None], x_BTD, 0)
+        x_BTD = x_BTD.astype(self.dtype)
+        qp_BTJK = jnp.einsum("btd,djk->btjk", x_BTD, wq)
+        kp_BTJK = jnp.einsum("btd,djk->btjk", x_BTD, wk)
+        vp_BTHV = jnp.einsum("btd,dhv->bthv", x_BTD, wv)
         z_BTHV = jnp.einsum("btd,dhv->bthv", x_BTD, wz)
         b_BTH = jnp.einsum("btd,dh->bth", x_BTD, wb)
         a_BTH = jnp.einsum("btd,dh->bth", x_BTD, wa)
@@ -121,17 +255,37 @@ class GatedDeltaNet(nn.Module):
             a_BTH.astype(jnp.float32) + dt_bias.astype(jnp.float32)[None, None, :]
         )
         rep = nv // nk
-        q_BTHK = jnp.repeat(l2_normalize(q_BTJK), rep, axis=2).astype(self.dtype)
-        k_BTHK = jnp.repeat(l2_normalize(k_BTJK), rep, axis=2).astype(self.dtype)
+        feats = (qp_BTJK, kp_BTJK, vp_BTHV, cq, ck, cv, segment_ids_BT, rep, self.dtype)
 
-        o_BTHV = gated_delta_rule(
-            q_BTHK,
-            k_BTHK,
-            v_BTHV,
-            g_BTH,
-            beta_BTH,
-            segment_ids=segment_ids_BT,
-            chunk_size=self.chunk_size,
-        )
+        n = sp.sequence_axis_size()
+        if cache is not None:
+            o_BTHV, state_BHKV, windows = _continue(feats, g_BTH, beta_BTH, cache, self.chunk_size)
+        elif n > 1 and t % n == 0 and t // n >= w - 1 and not self.is_initializing():
+            o_BTHV, state_BHKV = _sequence_parallel_mix(
+                *feats[:6], g_BTH, beta_BTH, segment_ids_BT, rep, self.dtype, self.chunk_size
+            )
+            o_BTHV = o_BTHV.astype(self.dtype)  # the plain path's (v's) dtype
+        else:
+            q_BTHK, k_BTHK, v_BTHV = _conv_features(*feats)
+            o_BTHV = gated_delta_rule(
+                q_BTHK,
+                k_BTHK,
+                v_BTHV,
+                g_BTH,
+                beta_BTH,
+                segment_ids=segment_ids_BT,
+                chunk_size=self.chunk_size,
+                return_final_state=return_cache,
+            )
+            if return_cache:
+                o_BTHV, state_BHKV = o_BTHV
+        if cache is None and return_cache:
+            windows = tuple(
+                last_window(x, segment_ids_BT, w - 1) for x in (qp_BTJK, kp_BTJK, vp_BTHV)
+            )
+
         o_BTHV = GatedRMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(o_BTHV, z_BTHV)
-        return jnp.einsum("bthv,hvd->btd", o_BTHV.astype(self.dtype), wo)
+        y_BTD = jnp.einsum("bthv,hvd->btd", o_BTHV.astype(self.dtype), wo)
+        if cache is None and not return_cache:
+            return y_BTD
+        return y_BTD, GDNCache(*windows, state_BHKV)

@@ -1,4 +1,4 @@
-"""Numerical kernels: the chunkwise gated delta rule and its sequence-parallel helpers."""
+"""Numerical kernels: the chunkwise gated delta rule and its sequence-parallel form."""
 
 from qwen35_jax.ops.delta_rule import (
     apply_affine_map,
@@ -7,6 +7,12 @@ from qwen35_jax.ops.delta_rule import (
     gated_delta_rule,
     gated_delta_rule_step,
 )
+from qwen35_jax.ops.sequence_parallel import (
+    local_gated_delta_rule,
+    previous_tokens,
+    sequence_axis_size,
+    sequence_parallel_gated_delta_rule,
+)
 
 __all__ = [
     "apply_affine_map",
@@ -14,4 +20,8 @@ __all__ = [
     "compose_affine_maps",
     "gated_delta_rule",
     "gated_delta_rule_step",
+    "local_gated_delta_rule",
+    "previous_tokens",
+    "sequence_axis_size",
+    "sequence_parallel_gated_delta_rule",
 ]
