@@ -190,7 +190,12 @@ def parse_mesh(text: str) -> dict[str, int]:
         key, sep, value = part.partition("=")
         if not sep or key.strip() not in valid:
             raise ValueError(f"mesh: bad entry {part!r} in {text!r}; keys: {sorted(valid)}")
-        out[key.strip()] = int(value)
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise ValueError(
+                f"mesh: {key.strip()}={value!r} is not an integer in {text!r}"
+            ) from None
     return out
 
 

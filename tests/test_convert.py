@@ -330,3 +330,46 @@ def test_memory_is_bounded_for_a_1gb_checkpoint(tmp_path):
     print(f"checkpoint {total / 2**20:.0f} MiB, peak RSS {rss:.0f} MiB (runtime {base:.0f} MiB)")
     assert rss < RSS_BOUND_MB, (rss, total)
     assert rss - base < RSS_ABOVE_RUNTIME_MB, (rss, base)
+
+
+def test_mesh_layout_chunks_fit_the_shards_and_restore_sharded(converted, tmp_path):
+    """--mesh: no zarr chunk spans two devices' shards; restoring into the table's shardings on
+    that mesh gives the same parameters."""
+    from qwen35_jax import sharding
+
+    _, hf_dir, plain, _ = converted
+    ckpt = str(tmp_path / "meshed")
+    assert (
+        main(["hf-to-orbax", "--hf_dir", hf_dir, "--out", ckpt, "--mesh", "fsdp=2,expert=4"]) == 0
+    )
+    config = Qwen35Config.from_hf(hf_dir)
+    shards = orbax_io.shard_shapes(config, {"fsdp": 2, "expert": 4})
+    split = 0
+    for path, shard in shards.items():
+        with open(os.path.join(ckpt, "params", ".".join(path), ".zarray")) as f:
+            chunks = json.load(f)["chunks"]
+        full = orbax_io.leaf_shapes(config)[path].shape
+        assert all(s % c == 0 for s, c in zip(shard, chunks, strict=True)), (path, shard, chunks)
+        split += shard != tuple(full)
+    assert split > 10  # most leaves are really sharded on this mesh
+    with open(os.path.join(ckpt, "convert.json")) as f:
+        assert json.load(f)["mesh"] == {"fsdp": 2, "expert": 4}
+
+    mesh = sharding.make_mesh(fsdp=2, expert=4)
+    shardings = sharding.logical_to_mesh_sharding(q.abstract_params(config), mesh)
+    _, restored = orbax_io.restore_params(ckpt, shardings)
+    _, reference = orbax_io.restore_params(plain)
+    for (kp, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(reference), strict=True
+    ):
+        assert x.sharding == _at(shardings, kp), jax.tree_util.keystr(kp)
+        np.testing.assert_array_equal(np.asarray(x), y, err_msg=jax.tree_util.keystr(kp))
+
+    assert main(["hf-to-orbax", "--hf_dir", hf_dir, "--out", ckpt + "2", "--mesh", "fsdp=x"]) == 1
+    assert not os.path.exists(ckpt + "2")
+
+
+def _at(tree, keypath):
+    for k in keypath:
+        tree = tree[k.key]
+    return tree

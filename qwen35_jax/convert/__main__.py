@@ -1,6 +1,7 @@
 """Command line: convert checkpoints between Hugging Face safetensors and orbax.
 
     python -m qwen35_jax.convert hf-to-orbax --hf_dir DIR --out DIR [--dtype bfloat16|float32]
+        [--mesh fsdp=64,expert=8]      # chunk the arrays so no chunk spans two devices' shards
     python -m qwen35_jax.convert orbax-to-hf --ckpt DIR --out DIR [--max_shard_bytes N]
 
 Exits 0 on success; on a bad checkpoint or config prints one message (every missing,
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default=None, help="default: keep source"
     )
+    a.add_argument(
+        "--mesh",
+        default=None,
+        help="target mesh, e.g. fsdp=64,expert=8 (axes data, fsdp, tensor, expert, sequence, "
+        "dcn_<axis>): chunks no larger than one device's shard",
+    )
     a.add_argument("--no_progress", action="store_true")
     b = sub.add_parser("orbax-to-hf", help="orbax checkpoint -> Hugging Face safetensors")
     b.add_argument("--ckpt", required=True)
@@ -39,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     from qwen35_jax.convert import orbax_io
     from qwen35_jax.convert.hf import CheckpointError
     from qwen35_jax.convert.safetensors_io import SafetensorsError
+    from qwen35_jax.sharding import parse_mesh
 
     try:
         if args.command == "hf-to-orbax":
+            mesh = parse_mesh(args.mesh) if args.mesh else None
             out = orbax_io.hf_to_orbax(
                 args.hf_dir,
                 args.out,
                 dtype=args.dtype,
                 progress=not args.no_progress,
+                mesh=mesh,
             )
         else:
             out = orbax_io.orbax_to_hf(
@@ -55,7 +65,14 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_bytes=args.max_shard_bytes or orbax_io.DEFAULT_SHARD_BYTES,
                 progress=not args.no_progress,
             )
-    except (CheckpointError, ConfigError, SafetensorsError, FileExistsError, OSError) as e:
+    except (
+        CheckpointError,
+        ConfigError,
+        SafetensorsError,
+        FileExistsError,
+        OSError,
+        ValueError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}", file=sys.stderr)

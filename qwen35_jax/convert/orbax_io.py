@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -165,13 +166,44 @@ def leaf_shapes(config: Qwen35Config) -> dict[Path, jax.ShapeDtypeStruct]:
     return {tuple(k.key for k in kp): s for kp, s in flat}
 
 
+def shard_shapes(config: Qwen35Config, mesh: Mapping[str, int]) -> dict[Path, tuple[int, ...]]:
+    """{leaf path: the shape of one device's shard} under the sharding table on a mesh of these
+    axis sizes (`sharding.parse_mesh` form; dcn_<axis> factors multiply their axis)."""
+    from qwen35_jax import sharding  # noqa: PLC0415
+
+    sizes = {a: int(mesh.get(a, 1)) * int(mesh.get(f"dcn_{a}", 1)) for a in sharding.MESH_AXES}
+    bad = {k: v for k, v in mesh.items() if int(v) < 1}
+    if bad:
+        raise ValueError(f"--mesh sizes must be explicit positive integers here, got {bad}")
+    boxed = jax.tree_util.tree_flatten_with_path(
+        abstract_params(config), is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]
+    out = {}
+    for kp, box in boxed:
+        spec = sharding.logical_spec(box.names, box.value.shape, sizes)
+        shard = []
+        for dim, axes in zip(box.value.shape, tuple(spec) + (None,) * len(box.names), strict=False):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            shard.append(dim // int(np.prod([sizes[a] for a in axes], dtype=np.int64)))
+        out[tuple(k.key for k in kp)] = tuple(shard)
+    return out
+
+
 def _leaf_store(
-    params_dir: str, path: Path, shape: tuple[int, ...], dtype: np.dtype, n_index: int, create: bool
+    params_dir: str,
+    path: Path,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    n_index: int,
+    create: bool,
+    shard: tuple[int, ...] | None = None,
 ):
     """A tensorstore zarr array at the place orbax (no OCDBT) keeps leaf `path`.
 
     Chunks are one entry of the stacked (leading) axes, so each Hugging Face tensor fills whole
-    chunks (no read-modify-write), split further along the next axis to stay under 64 MiB.
+    chunks (no read-modify-write), split further along the next axis to stay under 64 MiB. With
+    `shard` (one device's shard shape on a target mesh) no chunk is larger than a shard, so every
+    chunk belongs to exactly one device's shard and a sharded restore reads only its own chunks.
     """
     import tensorstore as ts
 
@@ -181,6 +213,8 @@ def _leaf_store(
             {"driver": "zarr", "kvstore": {"driver": "file", "path": directory}}
         ).result()
     chunks = [1] * n_index + list(shape[n_index:])
+    if shard is not None:
+        chunks = [min(c, s) for c, s in zip(chunks, shard, strict=True)]
     rest = int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize
     if len(chunks) > n_index and rest > CHUNK_BYTES:
         k = -(-rest // CHUNK_BYTES)
@@ -292,10 +326,13 @@ def hf_to_orbax(
     out: str | os.PathLike,
     dtype: str | None = None,
     progress: bool = True,
+    mesh: Mapping[str, int] | None = None,
 ) -> str:
     """Convert a Hugging Face checkpoint directory into an orbax checkpoint at `out`.
 
     `dtype` ('bfloat16' or 'float32') casts every leaf; None keeps each tensor's own dtype.
+    `mesh` (axis sizes, e.g. {"fsdp": 64, "expert": 8}) lays the chunks out for that mesh: no
+    chunk spans two devices' shards (see `_leaf_store`); it is recorded in convert.json.
     Raises `CheckpointError` (all problems listed) or `ConfigError` before writing anything.
     """
     hf_dir, out = os.fspath(hf_dir), os.fspath(out)
@@ -365,6 +402,7 @@ def hf_to_orbax(
     if unfilled:
         raise CheckpointError(f"no Hugging Face tensor fills the leaves {unfilled}")
     n_index: dict[Path, int] = {pc.path: len(pc.index) for r in rule_list for pc in r.pieces}
+    shards = shard_shapes(config, mesh) if mesh else {}
 
     total = sum(int(np.prod(rules[k].shape)) * DTYPES[src_dtypes[k]].itemsize for k in where)
     bar = Progress("hf-to-orbax", len(rules), total) if progress else None
@@ -373,7 +411,9 @@ def hf_to_orbax(
         params_dir = os.path.join(tmp, "params")
         os.makedirs(params_dir)
         stores = {
-            p: _leaf_store(params_dir, p, shapes[p].shape, leaf_dtype[p], n_index[p], True)
+            p: _leaf_store(
+                params_dir, p, shapes[p].shape, leaf_dtype[p], n_index[p], True, shards.get(p)
+            )
             for p in shapes
         }
         used: set[str] = set()
@@ -408,6 +448,7 @@ def hf_to_orbax(
             "format": FORMAT,
             "source": os.path.abspath(hf_dir),
             "dtype": dtype or "source",
+            "mesh": dict(mesh) if mesh else None,
             "multimodal_prefix": multimodal,
             "fused_experts": fused,
             "vision_prefix": vision_prefix,
