@@ -41,7 +41,8 @@ def test_config_file_validates_and_shows_its_command(path):
         config.data.path = "/data/train-*.array_record"
         config.data.tokenizer_path = "/ckpt/tokenizer.json"
     model = config_schema.validate(config)
-    assert model.vision_config is None
+    # text pretraining drops the vision tower; multimodal data kinds keep it
+    assert (model.vision_config is None) == (config.data.kind not in config_schema.MULTIMODAL_KINDS)
     json.loads(config_schema.resolved_json(config, model))
     assert (
         config.model.text_config.vocab_size >= config.data.vocab_size

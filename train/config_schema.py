@@ -15,17 +15,26 @@
     optimizer   lr, schedule ("cosine" | "wsd"), warmup_steps, decay_fraction (WSD: final
                 fraction of steps that decays), min_lr_ratio, b1, b2, eps, weight_decay, clip_norm
                 (0 = off)
-    data        kind ("stdlib" | "text" | "jsonl" | "arrayrecord"), path (comma-separated globs),
+    data        kind ("stdlib" | "text" | "jsonl" | "arrayrecord" | "digits"), path
+                (comma-separated globs),
                 record_format ("text" | "json", ArrayRecord), text_key, max_bytes (stdlib cap),
                 tokenizer ("sentencepiece" | "hf"), tokenizer_path ("" = train a sentencepiece
                 model of vocab_size pieces into the workdir), vocab_size, read_threads,
                 num_shards (virtual data shards, each feeding batch_size / num_shards rows; a
                 host reads only the shards behind its rows; 0 = one per process. Fix it to a
                 multiple of the process count to make the data independent of the host count)
+                Multimodal kinds ("digits": scikit-learn's handwritten digits, captioned "digit
+                7", needs the `digits` extra; its word tokenizer is built in, the tokenizer keys
+                and path are unused): patches_per_row (the fixed patch budget of a row, P_row),
+                images_per_row (grid rows per row, G_row), image_size (digits are upscaled to
+                image_size x image_size), images_per_doc (1: image-caption pairs; k: documents
+                interleaving k images with their captions), eval_examples (held-out images
+                captioned greedily at the end of the run; accuracy printed; 0 = none)
     model       `Qwen35Config.to_dict()` of a preset: Hugging Face field names, e.g.
                 model.text_config.num_hidden_layers, ...full_attention_interval,
                 ...num_experts, ...mtp_num_hidden_layers; runtime fields compute_dtype,
-                param_dtype, remat_policy, gdn_chunk_size. Text-only (vision_config None).
+                param_dtype, remat_policy, gdn_chunk_size. Text-only (vision_config None),
+                except with `base_config(..., keep_vision=True)` (multimodal data kinds).
     init        from_hf (a Hugging Face checkpoint dir: its weights and config.json replace
                 `model`, except the runtime fields; its tokenizer.json is used unless
                 data.tokenizer_path is set; fresh optimizer and step), from_checkpoint (one of
@@ -47,7 +56,8 @@ import qwen35_jax
 
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "wsd")
-DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord")
+MULTIMODAL_KINDS = ("digits",)
+DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord", *MULTIMODAL_KINDS)
 TOKENIZERS = ("sentencepiece", "hf")
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 _OPTIONAL_INTS = ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -57,14 +67,17 @@ class ConfigValueError(ValueError):
     """A config value that cannot run; the message starts with the dotted key."""
 
 
-def model_section(model: str | qwen35_jax.Qwen35Config) -> ml_collections.ConfigDict:
+def model_section(
+    model: str | qwen35_jax.Qwen35Config, *, keep_vision: bool = False
+) -> ml_collections.ConfigDict:
     """`config.model`: a preset (name or config) as a ConfigDict of its `to_dict()` form.
 
     Lists become tuples and optional token ids typed placeholders, so every field can be
-    overridden from the command line. The vision tower is dropped: pretraining is text-only.
+    overridden from the command line. The vision tower is dropped (text pretraining) unless
+    `keep_vision` (multimodal data).
     """
     cfg = qwen35_jax.get_config(model) if isinstance(model, str) else model
-    d = cfg.replace(vision_config=None).to_dict()
+    d = (cfg if keep_vision else cfg.replace(vision_config=None)).to_dict()
 
     def convert(x: Any) -> Any:
         if isinstance(x, dict):
@@ -79,7 +92,7 @@ def model_section(model: str | qwen35_jax.Qwen35Config) -> ml_collections.Config
     return section
 
 
-def base_config(model: str = "tiny-moe") -> ml_collections.ConfigDict:
+def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_collections.ConfigDict:
     """Every key with its default; the files in configs/ start from this and override."""
     c = ml_collections.ConfigDict()
     c.train = dict(
@@ -123,8 +136,13 @@ def base_config(model: str = "tiny-moe") -> ml_collections.ConfigDict:
         vocab_size=1024,
         read_threads=1,
         num_shards=0,
+        patches_per_row=0,
+        images_per_row=0,
+        image_size=32,
+        images_per_doc=1,
+        eval_examples=0,
     )
-    c.model = model_section(model)
+    c.model = model_section(model, keep_vision=keep_vision)
     c.init = dict(
         from_hf=config_dict.placeholder(str), from_checkpoint=config_dict.placeholder(str)
     )
@@ -252,6 +270,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "optimizer.min_lr_ratio",
         "data.max_bytes",
         "data.num_shards",
+        "data.eval_examples",
         allow_zero=True,
     )
     if t.batch_size % t.grad_accum:
@@ -280,7 +299,9 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             _fail(f"mesh.dcn_{axis}", config.mesh[f"dcn_{axis}"], "must be >= 1")
     if sizes.count(-1) > 1:
         _fail("mesh", dict(zip(MESH_AXES, sizes, strict=True)), "may have at most one -1 axis")
-    if config.data.kind != "stdlib" and not config.data.path:
+    if config.data.kind in MULTIMODAL_KINDS:
+        _multimodal_checks(config)
+    elif config.data.kind != "stdlib" and not config.data.path:
         _fail("data.path", config.data.path, f"must be set for data.kind={config.data.kind!r}")
     if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init.from_hf:
         _fail("data.tokenizer_path", "", "must be set for data.tokenizer='hf'")
@@ -291,6 +312,33 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             "cannot be combined with init.from_hf",
         )
     return model_config(config)
+
+
+def _multimodal_checks(config: ml_collections.ConfigDict) -> None:
+    """Multimodal data needs the budgets, a vision tower and special ids inside the vocabulary."""
+    _positive(
+        config,
+        "data.patches_per_row",
+        "data.images_per_row",
+        "data.image_size",
+        "data.images_per_doc",
+    )
+    m = config.model
+    if m.get("vision_config") is None:
+        _fail(
+            "model.vision_config",
+            None,
+            f"must be set for data.kind={config.data.kind!r} (base_config(..., keep_vision=True))",
+        )
+    vocab = m.text_config.vocab_size
+    for name in (
+        "image_token_id",
+        "video_token_id",
+        "vision_start_token_id",
+        "vision_end_token_id",
+    ):
+        if not 0 <= m[name] < vocab:
+            _fail(f"model.{name}", m[name], f"must be below model.text_config.vocab_size={vocab}")
 
 
 def mesh_devices_check(config: ml_collections.ConfigDict, num_devices: int) -> None:

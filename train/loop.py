@@ -8,7 +8,7 @@
       for each step: next batch -> train_step (jitted, donating the state); the previous step's
         metrics are read now (one step late, so the host never waits for the device); NaN/Inf
         policy; log every `log_every`; save every `checkpoint.every_steps`; SIGTERM -> save, exit
-      save at the end, print greedy completions
+      save at the end, print greedy completions (multimodal digits: the held-out accuracy)
 
 The data iterator is advanced exactly once per step before the step runs, so a checkpoint
 written after step s holds the iterator positioned at batch s: resume repeats and skips nothing.
@@ -29,12 +29,18 @@ from flax import linen as nn
 import qwen35_jax
 from qwen35_jax import sharding
 from qwen35_jax.convert import orbax_io
-from train import config_schema, flops
+from train import caption_eval, config_schema, flops
 from train.checkpointing import Checkpointer, PreemptionGuard, restore_params
+from train.data.multimodal import (
+    MULTIMODAL_FIELDS,
+    VisualSpec,
+    batch_shapes,
+    build_multimodal_dataset,
+)
 from train.data.pipeline import DataIterator, TokenizeRecord, build_dataset, shards_for_rows
 from train.metrics import MetricsLogger
 from train.optimizer import make_optimizer
-from train.prepare import PreparedData, prepare_data
+from train.prepare import PreparedData, multimodal_encoder, prepare_data
 from train.sampling import greedy_complete
 from train.state import abstract_state, check_params_match, init_state
 from train.step import make_train_step
@@ -68,25 +74,46 @@ def _model_and_params(config: ml_collections.ConfigDict) -> tuple[qwen35_jax.Qwe
     return model_cfg, None
 
 
-def _batch_shardings(mesh: jax.sharding.Mesh, shape: tuple[int, int]) -> dict[str, Any]:
-    boxed = nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.int32), names=("batch", "length"))
-    batch_sharding = sharding.logical_to_mesh_sharding({"x": boxed}, mesh)["x"]
-    return {k: batch_sharding for k in ("tokens", "segment_ids", "positions")}
+def _batch_shapes(
+    config: ml_collections.ConfigDict, model_cfg: qwen35_jax.Qwen35Config
+) -> dict[str, tuple[int, ...]]:
+    """Global shape per batch key: [B, T] text arrays; multimodal adds loss_mask and pixels."""
+    t = config.train
+    if config.data.kind in config_schema.MULTIMODAL_KINDS:
+        d = config.data
+        patch_dim = VisualSpec.of(model_cfg).patch_dim
+        return batch_shapes(t.batch_size, t.seq_len, d.patches_per_row, d.images_per_row, patch_dim)
+    return {k: (t.batch_size, t.seq_len) for k in ("tokens", "segment_ids", "positions")}
+
+
+def _batch_shardings(mesh: jax.sharding.Mesh, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Rows over the batch axes; [B, T] arrays as ("batch", "length"), others replicated."""
+
+    def one(shape: tuple[int, ...]) -> Any:
+        names = ("batch", "length") if len(shape) == 2 else ("batch",) + (None,) * (len(shape) - 1)
+        boxed = nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.int32), names=names)
+        return sharding.logical_to_mesh_sharding({"x": boxed}, mesh)["x"]
+
+    return {k: one(shape) for k, shape in shapes.items()}
 
 
 def _global_batch(
-    host_batch: dict[str, np.ndarray], shardings: dict[str, Any], shape
+    host_batch: dict[str, np.ndarray], shardings: dict[str, Any], shapes: dict[str, tuple]
 ) -> dict[str, jax.Array]:
     return {
-        k: jax.make_array_from_process_local_data(shardings[k], v, shape)
+        k: jax.make_array_from_process_local_data(shardings[k], v, shapes[k])
         for k, v in host_batch.items()
     }
 
 
 def make_data_iterator(
-    config: ml_collections.ConfigDict, prepared: PreparedData, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict,
+    prepared: PreparedData,
+    mesh: jax.sharding.Mesh,
+    model_cfg: qwen35_jax.Qwen35Config | None = None,
 ) -> DataIterator:
-    """This host's iterator of packed batches: the data shards behind the rows it holds."""
+    """This host's iterator of packed batches: the data shards behind the rows it holds
+    (multimodal kinds need `model_cfg` for the special token ids and the patch geometry)."""
     t = config.train
     num_shards = config.data.num_shards or jax.process_count()
     rows = sharding.process_batch_slice(mesh, t.batch_size)
@@ -94,6 +121,25 @@ def make_data_iterator(
         shards = shards_for_rows(rows, t.batch_size, num_shards)
     except ValueError as e:
         raise config_schema.ConfigValueError(str(e)) from None
+    if config.data.kind in config_schema.MULTIMODAL_KINDS:
+        spec = VisualSpec.of(model_cfg or config_schema.model_config(config))
+        encode = multimodal_encoder(config, prepared.tokenizer, spec)
+        datasets = [
+            build_multimodal_dataset(
+                prepared.source,
+                encode,
+                seq_len=t.seq_len,
+                patches_per_row=config.data.patches_per_row,
+                images_per_row=config.data.images_per_row,
+                rows_per_shard=t.batch_size // num_shards,
+                seed=t.seed,
+                shard_index=i,
+                shard_count=num_shards,
+                read_threads=config.data.read_threads,
+            )
+            for i in shards
+        ]
+        return DataIterator(datasets, encode, MULTIMODAL_FIELDS)
     tokenize = TokenizeRecord(prepared.decode, prepared.tokenizer)
     datasets = [
         build_dataset(
@@ -156,6 +202,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
         f"data: {stats['records']} records, {stats['tokens']:,} tokens sampled; unigram entropy "
         f"{stats['unigram_entropy_nats']:.3f} nats/token ({stats['unigram_entropy_bits']:.2f} "
         "bits)"
+        + (
+            f"; {stats['images']:,} images, {stats['patches']:,} patches"
+            if "images" in stats
+            else ""
+        )
     )
     model_cfg, hf_params = _model_and_params(config)
     vocab = model_cfg.text_config.vocab_size
@@ -171,7 +222,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     mesh = sharding.mesh_from_config(config.mesh)
     tx, schedule = make_optimizer(config.optimizer, t.steps)
     abstract, shardings = abstract_state(model_cfg, tx, mesh)
-    data_iter = make_data_iterator(config, prepared, mesh)
+    data_iter = make_data_iterator(config, prepared, mesh, model_cfg)
     ckpt = Checkpointer(
         os.path.join(workdir, config.checkpoint.dir),
         keep=config.checkpoint.keep,
@@ -188,7 +239,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
 
     shape = (t.batch_size, t.seq_len)
-    batch_shardings = _batch_shardings(mesh, shape)
+    shapes = _batch_shapes(config, model_cfg)
+    batch_shardings = _batch_shardings(mesh, shapes)
     step_fn = jax.jit(
         make_train_step(model_cfg, tx, schedule, t),
         in_shardings=(shardings, batch_shardings),
@@ -243,7 +295,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
 
     with jax.set_mesh(mesh), sharding.axis_rules():
         while step < stop_at:
-            batch = _global_batch(next(data_iter), batch_shardings, shape)
+            batch = _global_batch(next(data_iter), batch_shardings, shapes)
             state, metrics = step_fn(state, batch)
             step += 1
             if pending is not None:
@@ -288,4 +340,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
             _say("greedy completions:")
             for prompt, text in completions:
                 _say(f"  {prompt!r} -> {prompt + text!r}")
+        if config.data.kind == "digits" and config.data.eval_examples:
+            with jax.set_mesh(mesh), sharding.axis_rules():
+                result = caption_eval.digits_eval(
+                    model_cfg,
+                    state.params,
+                    prepared.tokenizer,
+                    image_size=config.data.image_size,
+                    count=config.data.eval_examples,
+                    max_patches=config.data.patches_per_row,
+                )
+            summary["eval"] = result
+            _say(caption_eval.describe(result))
     return summary

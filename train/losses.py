@@ -5,7 +5,10 @@ Targets. For a row of tokens with segment ids (0 = padding), position t predicts
 document:
     valid_s[t] = seg[t] != 0  and  seg[t+1] == ... == seg[t+s] == seg[t]      (t + s < T)
 so the last token of a document (its eos) and the token before a padding run get no main target,
-and the MTP head has no target for the last two tokens of a document.
+and the MTP head has no target for the last two tokens of a document. Multimodal rows also carry
+a `loss_mask` (1 on text tokens, 0 on vision_start / image placeholders / vision_end): a token
+with mask 0 is never a target, so the loss is on text only:
+    valid_s[t] &= loss_mask[t+s]
 
     CE      = sum_t valid_1[t] * -log softmax(logits[t])[tok[t+1]] / sum_t valid_1[t]
     z-loss  = z * sum_t valid_1[t] * logsumexp(logits[t])^2 / sum_t valid_1[t]
@@ -23,9 +26,13 @@ import jax.numpy as jnp
 
 
 def shifted_targets(
-    tokens_BT: jax.Array, segment_ids_BT: jax.Array, shift: int
+    tokens_BT: jax.Array,
+    segment_ids_BT: jax.Array,
+    shift: int,
+    loss_mask_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(targets_BT, valid_BT): token t+shift and whether it is a target of position t."""
+    """(targets_BT, valid_BT): token t+shift and whether it is a target of position t
+    (with `loss_mask_BT`, only tokens whose mask is nonzero are targets)."""
     b, t = tokens_BT.shape
     pad_tok_BS = jnp.zeros((b, shift), tokens_BT.dtype)
     pad_seg_BS = jnp.zeros((b, shift), segment_ids_BT.dtype)
@@ -34,6 +41,10 @@ def shifted_targets(
     for s in range(1, shift + 1):
         seg_next_BT = jnp.concatenate([segment_ids_BT[:, s:], pad_seg_BS[:, :s]], axis=1)[:, :t]
         valid_BT = valid_BT & (seg_next_BT == segment_ids_BT)
+    if loss_mask_BT is not None:
+        pad_BS = jnp.zeros((b, shift), loss_mask_BT.dtype)
+        mask_next_BT = jnp.concatenate([loss_mask_BT[:, shift:], pad_BS], axis=1)[:, :t]
+        valid_BT = valid_BT & (mask_next_BT != 0)
     return targets_BT, valid_BT
 
 
@@ -50,11 +61,13 @@ def cross_entropy_sums(
     return ce, z, jnp.sum(mask_BT)
 
 
-def target_counts(segment_ids_BT: jax.Array, with_mtp: bool) -> tuple[jax.Array, jax.Array]:
+def target_counts(
+    segment_ids_BT: jax.Array, with_mtp: bool, loss_mask_BT: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Number of main-head and MTP targets in a batch (float32 scalars)."""
-    _, valid1_BT = shifted_targets(segment_ids_BT, segment_ids_BT, 1)
+    _, valid1_BT = shifted_targets(segment_ids_BT, segment_ids_BT, 1, loss_mask_BT)
     n1 = jnp.sum(valid1_BT.astype(jnp.float32))
     if not with_mtp:
         return n1, jnp.zeros((), jnp.float32)
-    _, valid2_BT = shifted_targets(segment_ids_BT, segment_ids_BT, 2)
+    _, valid2_BT = shifted_targets(segment_ids_BT, segment_ids_BT, 2, loss_mask_BT)
     return n1, jnp.sum(valid2_BT.astype(jnp.float32))

@@ -2,7 +2,10 @@
 
 All prompts run as one batch in a fixed-size buffer [P, max_prompt + num_tokens] (one
 compilation): each row's prompt and generated tokens are segment 1, the rest padding (segment 0),
-and each row's next token is the argmax of the logits at its last real position. Every new token
+and each row's next token is the argmax of the logits at its last real position. Prompts with
+images (vision_start, placeholders, vision_end already expanded) take their patches in the per-row
+form: pixel_values [P, P_row, F] and image_grid_thw [P, G_row, 3] (zero padded), positions then
+being the 3-D rope index. Every new token
 costs one full forward pass: fine for tiny models at the end of a run; real decoding with caches
 belongs to `qwen35_jax` generation (a later issue).
 """
@@ -25,6 +28,8 @@ def greedy_complete(
     num_tokens: int,
     *,
     stop_id: int | None = None,
+    pixel_values: np.ndarray | None = None,
+    image_grid_thw: np.ndarray | None = None,
 ) -> list[list[int]]:
     """For each prompt, the `num_tokens` greedy next tokens (cut before `stop_id`)."""
     lengths_P = np.asarray([len(p) for p in prompts])
@@ -36,16 +41,22 @@ def greedy_complete(
         ids_PL[i, : len(p)] = p
 
     @jax.jit
-    def next_tokens(params, ids_PL, lengths_P):
+    def next_tokens(params, ids_PL, lengths_P, pixels, grids):
         seg_PL = (jnp.arange(width)[None, :] < lengths_P[:, None]).astype(jnp.int32)
-        logits_PLV = qwen35_jax.apply(config, params, ids_PL, segment_ids=seg_PL).logits
+        logits_PLV = qwen35_jax.apply(
+            config, params, ids_PL, segment_ids=seg_PL, pixel_values=pixels, image_grid_thw=grids
+        ).logits
         last_PV = jnp.take_along_axis(logits_PLV, (lengths_P - 1)[:, None, None], axis=1)[:, 0]
         return jnp.argmax(last_PV, axis=-1)
 
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(num_tokens):
-        toks_P = np.asarray(next_tokens(params, jnp.asarray(ids_PL), jnp.asarray(lengths_P)))
+        toks_P = np.asarray(
+            next_tokens(
+                params, jnp.asarray(ids_PL), jnp.asarray(lengths_P), pixel_values, image_grid_thw
+            )
+        )
         for i, tok in enumerate(toks_P):
             if done[i] or (stop_id is not None and tok == stop_id):
                 done[i] = True

@@ -1,6 +1,11 @@
 """The jitted train step: `train_step(state, batch) -> (state, metrics)`, state donated.
 
 Batch: int32 [B, T] arrays `tokens`, `segment_ids` (0 = padding), `positions` (per document).
+Multimodal batch (data/multimodal.py): `tokens`, `segment_ids`, `loss_mask` [B, T] (0: never a
+target), `pixel_values` float32 [B, P_row, F], `image_grid_thw` int32 [B, G_row, 3], no
+`positions` (the model computes the 3-D rope index per document). The model runs the vision tower
+over all B * P_row patches at once (attention within each image) and scatters its outputs into the
+placeholders: one jitted step with static shapes, no loop over images.
 With `grad_accum = A`, the batch is split into A micro-batches of B/A rows scanned in sequence;
 the gradients of
 
@@ -53,22 +58,25 @@ def micro_losses(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(objective share of one micro-batch, its metric sums)."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
+    mask_BT = batch.get("loss_mask")
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and mtp_lambda > 0
     out = qwen35_jax.apply(
         model_cfg,
         params,
         tokens_BT,
         segment_ids=seg_BT,
-        positions=batch["positions"],
+        positions=batch.get("positions"),
         return_mtp=with_mtp,
+        pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
     )
-    targets_BT, valid_BT = losses.shifted_targets(tokens_BT, seg_BT, 1)
+    targets_BT, valid_BT = losses.shifted_targets(tokens_BT, seg_BT, 1, mask_BT)
     ce_sum, z_sum, _ = losses.cross_entropy_sums(out.logits, targets_BT, valid_BT)
     n_main = jnp.maximum(n_main, 1.0)
     objective = (ce_sum + z_loss * z_sum) / n_main
     sums = {"ce": ce_sum, "z": z_sum, "aux": out.aux_loss}
     if with_mtp:
-        targets2_BT, valid2_BT = losses.shifted_targets(tokens_BT, seg_BT, 2)
+        targets2_BT, valid2_BT = losses.shifted_targets(tokens_BT, seg_BT, 2, mask_BT)
         mtp_sum, _, _ = losses.cross_entropy_sums(out.mtp_logits, targets2_BT, valid2_BT)
         objective = objective + mtp_lambda * mtp_sum / jnp.maximum(n_mtp, 1.0)
         sums["mtp"] = mtp_sum
@@ -91,7 +99,7 @@ def make_train_step(
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and mtp_lambda > 0
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        n_main, n_mtp = losses.target_counts(batch["segment_ids"], with_mtp)
+        n_main, n_mtp = losses.target_counts(batch["segment_ids"], with_mtp, batch.get("loss_mask"))
         kw = dict(
             mtp_lambda=mtp_lambda, z_loss=z_loss, n_main=n_main, n_mtp=n_mtp, num_micro=num_micro
         )

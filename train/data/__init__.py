@@ -5,4 +5,7 @@ tokenizers.py  sentencepiece and Hugging Face tokenizer.json behind one small in
 pipeline.py    shard, shuffle, tokenize (skipping bad records), pack, batch; the iterator
                whose state is saved with every checkpoint
 stdlib.py      the embedded default corpus: the Python standard library's own sources
+multimodal.py  image-text documents -> tokens with expanded placeholders, a text-only loss
+               mask, patches; first-fit packing into rows with a fixed patch budget
+digits.py      real images shipped in scikit-learn (the `digits` extra), captioned "digit 7"
 """

@@ -115,19 +115,33 @@ def _tuples(x: Any) -> Any:
     return x
 
 
+TEXT_FIELDS = {
+    "tokens": "tokens",
+    "segment_ids": "tokens_segment_ids",
+    "positions": "tokens_positions",
+}
+
+
 class DataIterator:
     """Iterator over host batches {tokens, segment_ids, positions} with JSON-bytes state.
 
     Takes the datasets of this host's shards (one or several) and concatenates their batches
-    row-wise. `get_state` / `set_state` use bytes so grain's orbax handler (`grain.checkpoint`)
+    row-wise. `fields` maps batch keys to the packed datasets' keys (default: the text
+    pipeline's; multimodal.py has its own); integer arrays come out int32, others as they are.
+    `tokenize` is the per-record step whose `records` / `skipped` counters are reported and
+    saved. `get_state` / `set_state` use bytes so grain's orbax handler (`grain.checkpoint`)
     writes them as-is, one file per process.
     """
 
     def __init__(
-        self, datasets: grain.IterDataset | list[grain.IterDataset], tokenize: TokenizeRecord
+        self,
+        datasets: grain.IterDataset | list[grain.IterDataset],
+        tokenize: Any,
+        fields: dict[str, str] | None = None,
     ):
         self._datasets = datasets if isinstance(datasets, list) else [datasets]
         self._tokenize = tokenize
+        self._fields = dict(TEXT_FIELDS if fields is None else fields)
         self._its = [iter(ds) for ds in self._datasets]
         self.rows = 0
 
@@ -139,13 +153,10 @@ class DataIterator:
         self.rows += sum(len(b["tokens"]) for b in bs)
 
         def cat(key: str) -> np.ndarray:
-            return np.concatenate([b[key] for b in bs]).astype(np.int32)
+            x = np.concatenate([b[key] for b in bs])
+            return x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x
 
-        return {
-            "tokens": cat("tokens"),
-            "segment_ids": cat("tokens_segment_ids"),
-            "positions": cat("tokens_positions"),
-        }
+        return {name: cat(key) for name, key in self._fields.items()}
 
     @property
     def skipped(self) -> int:

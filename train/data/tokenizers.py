@@ -3,6 +3,7 @@
     kind "sentencepiece"  a `*.model` file (train one with `python -m train.tokenizer`)
     kind "hf"             a `tokenizer.json` file, or a checkpoint directory holding one
                           (Qwen's own tokenizer when continuing from converted weights)
+    WordTokenizer         a fixed word list (the built-in digits captions; no file)
 
 Every document is encoded without special tokens and followed by `eos_id`, the separator the
 packed rows carry between documents. For Hugging Face tokenizers `eos_id` is the first of
@@ -12,6 +13,7 @@ packed rows carry between documents. For Hugging Face tokenizers `eos_id` is the
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Protocol
 
 KINDS = ("sentencepiece", "hf")
@@ -76,3 +78,30 @@ def load_tokenizer(kind: str, path: str) -> Tokenizer:
     if kind == "hf":
         return HFTokenizer(path)
     raise ValueError(f"data.tokenizer={kind!r} must be one of {KINDS}")
+
+
+class WordTokenizer:
+    """A fixed word vocabulary: ids 0 <pad>, 1 <eos>, 2 <unk>, then `words` in order.
+
+    `encode` splits on whitespace (unknown words -> <unk>); `decode` joins with spaces. Used by
+    the built-in image-caption data (`data.kind="digits"`), whose captions use a dozen words.
+    """
+
+    SPECIALS = ("<pad>", "<eos>", "<unk>")
+
+    def __init__(self, words: Sequence[str]):
+        self.words = (*self.SPECIALS, *words)
+        self._ids = {w: i for i, w in enumerate(self.words)}
+        if len(self._ids) != len(self.words):
+            raise ValueError(f"WordTokenizer words must be distinct, got {list(words)}")
+        self.vocab_size = len(self.words)
+        self.eos_id = 1
+        self.unk_id = 2
+
+    def encode(self, text: str) -> list[int]:
+        return [self._ids.get(w, self.unk_id) for w in text.split()]
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(
+            self.words[int(i)] if 0 <= int(i) < self.vocab_size else "<unk>" for i in ids
+        )
