@@ -45,6 +45,7 @@ from grain.experimental import FirstFitPackIterDataset
 
 from qwen35_jax import Qwen35Config
 from qwen35_jax.processor import process_images
+from train.data.pipeline import example_stream
 from train.data.tokenizers import Tokenizer
 
 # batch key -> packed dataset key (DataIterator's `fields`)
@@ -196,13 +197,9 @@ def build_multimodal_dataset(
 ) -> grain.IterDataset:
     """The packed, batched dataset of one virtual shard: shard, shuffle(seed), repeat, encode,
     drop skipped, first-fit pack into `rows_per_shard` rows, batch."""
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    if len(ds) == 0:
-        raise ValueError(f"data shard {shard_index}/{shard_count} of {source!r} is empty")
-    ds = ds.shuffle(seed=seed).repeat().map(encode).filter(lambda ex: len(ex["tokens"]) > 0)
-    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=8 * rows_per_shard)
+    examples = example_stream(
+        source, encode, seed, shard_index, shard_count, read_threads, 8 * rows_per_shard
+    )
     lengths = {
         "tokens": seq_len,
         "loss_mask": seq_len,
@@ -210,7 +207,7 @@ def build_multimodal_dataset(
         "grids": images_per_row,
     }
     packed = FirstFitPackIterDataset(
-        ds.to_iter_dataset(read),
+        examples,
         length_struct=lengths,
         num_packing_bins=rows_per_shard,
         seed=seed,

@@ -79,15 +79,32 @@ def build_dataset(
     read_threads: int = 1,
 ) -> grain.IterDataset:
     """The packed, batched dataset of one virtual shard (see the module docstring)."""
+    examples = example_stream(
+        source, tokenize, seed, shard_index, shard_count, read_threads, 8 * rows_per_shard
+    )
+    packed = ConcatThenSplitIterDataset(examples, length_struct={"tokens": seq_len})
+    return packed.batch(rows_per_shard, drop_remainder=True)
+
+
+def example_stream(
+    source: Any,
+    encode: Callable[[Any], dict[str, np.ndarray]],
+    seed: int,
+    shard_index: int,
+    shard_count: int,
+    read_threads: int,
+    prefetch: int,
+) -> grain.IterDataset:
+    """Records of one virtual shard, shuffled (seed) and repeated forever, encoded; examples whose
+    `tokens` are empty (unusable records, counted by `encode`) are dropped."""
     ds = grain.MapDataset.source(source)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     if len(ds) == 0:
         raise ValueError(f"data shard {shard_index}/{shard_count} of {source!r} is empty")
-    ds = ds.shuffle(seed=seed).repeat().map(tokenize).filter(lambda ex: len(ex["tokens"]) > 0)
-    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=8 * rows_per_shard)
-    packed = ConcatThenSplitIterDataset(ds.to_iter_dataset(read), length_struct={"tokens": seq_len})
-    return packed.batch(rows_per_shard, drop_remainder=True)
+    ds = ds.shuffle(seed=seed).repeat().map(encode).filter(lambda ex: len(ex["tokens"]) > 0)
+    read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+    return ds.to_iter_dataset(read)
 
 
 def shards_for_rows(rows: slice, global_batch: int, num_shards: int) -> range:
