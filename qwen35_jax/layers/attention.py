@@ -7,6 +7,11 @@
     p = softmax(q k^T / sqrt(H) + mask)        float32; mask = causal & same document & not pad
     out = (p v) * sigmoid(gate);  y = out @ o_proj       o_proj: N * H -> D
 
+Two forms of p v, equal up to rounding: `dot_product_attention` (dense [B, G, R, T, S] float32
+scores, used for short rows) and `ops.attention.blocked_attention` (online softmax over key
+blocks, causal block skipping, flash backward; no [T, S] arrays), used when the layer is given
+segment ids and T >= BLOCKED_MIN_LENGTH.
+
 Parameter names (ours -> Hugging Face `self_attn.*`):
     q_proj [D, N, 2H]   <- q_proj.weight [N*2H, D] (transposed, reshaped)
     k_proj [D, G, H]    <- k_proj.weight;   v_proj [D, G, H] <- v_proj.weight
@@ -24,8 +29,12 @@ from flax import linen as nn
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import apply_rotary
+from qwen35_jax.ops.attention import blocked_attention
 
 KERNEL_INIT = nn.initializers.normal(0.02)
+# Sequences at least this long use the blocked kernel (when the layer is given segment ids).
+BLOCKED_MIN_LENGTH = 1024
+BLOCK_Q, BLOCK_K = 512, 256
 
 
 def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -59,6 +68,7 @@ class GatedAttention(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    blocked_min_length: int = BLOCKED_MIN_LENGTH
 
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         kernel = self.param(
@@ -81,8 +91,10 @@ class GatedAttention(nn.Module):
         x_BTD: jax.Array,
         cos_BTR: jax.Array,
         sin_BTR: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | None,
+        segment_ids_BT: jax.Array | None = None,
     ) -> jax.Array:
+        """mask [B, 1, 1, T, T] from `attention_mask`; segment_ids_BT enables the blocked path."""
         c = self.config
         d, n, g, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         x_BTD = x_BTD.astype(self.dtype)
@@ -107,7 +119,15 @@ class GatedAttention(nn.Module):
         q_BTNH = apply_rotary(q_BTNH, cos_BTR, sin_BTR)
         k_BTGH = apply_rotary(k_BTGH, cos_BTR, sin_BTR)
 
-        out_BTNH = dot_product_attention(q_BTNH, k_BTGH, v_BTGH, mask)
+        t = x_BTD.shape[1]
+        if segment_ids_BT is not None and (t >= self.blocked_min_length or mask is None):
+            out_BTNH = blocked_attention(
+                q_BTNH, k_BTGH, v_BTGH, segment_ids_BT, block_q=BLOCK_Q, block_k=BLOCK_K
+            )
+        else:
+            if mask is None:
+                raise ValueError("GatedAttention needs a mask or segment ids")
+            out_BTNH = dot_product_attention(q_BTNH, k_BTGH, v_BTGH, mask)
         out_BTNH = out_BTNH * jax.nn.sigmoid(gate_BTNH.astype(jnp.float32)).astype(self.dtype)
         y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo)
         if c.attention_bias:

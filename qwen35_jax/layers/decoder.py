@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
             )
         else:
             h_BTD = GatedAttention(c, **kw, name="self_attn")(
-                h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask
+                h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask, segment_ids_BT=ctx.segment_ids_BT
             )
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
 

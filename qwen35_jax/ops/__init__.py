@@ -1,5 +1,7 @@
-"""Numerical kernels: the chunkwise gated delta rule and its sequence-parallel form."""
+"""Numerical kernels: the chunkwise gated delta rule, its sequence-parallel form, and blocked
+softmax attention."""
 
+from qwen35_jax.ops.attention import blocked_attention
 from qwen35_jax.ops.delta_rule import (
     apply_affine_map,
     chunk_affine_maps,
@@ -16,6 +18,7 @@ from qwen35_jax.ops.sequence_parallel import (
 
 __all__ = [
     "apply_affine_map",
+    "blocked_attention",
     "chunk_affine_maps",
     "compose_affine_maps",
     "gated_delta_rule",
