@@ -54,6 +54,29 @@ def _num_key_blocks(i: jax.Array, bq: int, bk: int) -> jax.Array:
     return ((i + 1) * bq + bk - 1) // bk
 
 
+def _key_block(
+    q_BGMH_i: jax.Array,
+    k_BGSH: jax.Array,
+    v_BGSH: jax.Array,
+    segq_BM_i: jax.Array,
+    segk_BS: jax.Array,
+    i: jax.Array,
+    j: jax.Array,
+    bq: int,
+    bk: int,
+    r: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Key block j seen by query block i: (k, v, scaled float32 scores, mask), shared by the
+    forward pass and the backward recomputation."""
+    k_BGKH = lax.dynamic_slice_in_dim(k_BGSH, j * bk, bk, axis=2)
+    v_BGKH = lax.dynamic_slice_in_dim(v_BGSH, j * bk, bk, axis=2)
+    segk_BK = lax.dynamic_slice_in_dim(segk_BS, j * bk, bk, axis=1)
+    s_BGMK = jnp.einsum("bgmh,bgkh->bgmk", q_BGMH_i, k_BGKH, preferred_element_type=jnp.float32)
+    s_BGMK = s_BGMK * q_BGMH_i.shape[-1] ** -0.5
+    mask = _block_mask(segq_BM_i, segk_BK, i * bq, j * bk, r)
+    return k_BGKH, v_BGKH, s_BGMK, mask
+
+
 def _forward(
     q_BGMH: jax.Array,
     k_BGSH: jax.Array,
@@ -68,7 +91,6 @@ def _forward(
     b, g, mtot, h = q_BGMH.shape
     bm = bq * r
     nq = mtot // bm
-    scale = h**-0.5
 
     def query_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
         q_BGMH_i = lax.dynamic_slice_in_dim(q_BGMH, i * bm, bm, axis=2)
@@ -76,14 +98,9 @@ def _forward(
 
         def key_block(j: jax.Array, carry: tuple) -> tuple:
             m_BGM, l_BGM, acc_BGMH = carry
-            k_BGKH = lax.dynamic_slice_in_dim(k_BGSH, j * bk, bk, axis=2)
-            v_BGKH = lax.dynamic_slice_in_dim(v_BGSH, j * bk, bk, axis=2)
-            segk_BK = lax.dynamic_slice_in_dim(segk_BS, j * bk, bk, axis=1)
-            s_BGMK = jnp.einsum(
-                "bgmh,bgkh->bgmk", q_BGMH_i, k_BGKH, preferred_element_type=jnp.float32
+            _, v_BGKH, s_BGMK, mask = _key_block(
+                q_BGMH_i, k_BGSH, v_BGSH, segq_BM_i, segk_BS, i, j, bq, bk, r
             )
-            s_BGMK = s_BGMK * scale
-            mask = _block_mask(segq_BM_i, segk_BK, i * bq, j * bk, r)
             s_BGMK = jnp.where(mask, s_BGMK, NEG)
             m_new_BGM = jnp.maximum(m_BGM, s_BGMK.max(axis=-1))
             alpha_BGM = jnp.exp(m_BGM - m_new_BGM)
@@ -162,14 +179,9 @@ def _flash_bwd(bq: int, bk: int, r: int, res: tuple, dout_BGMH: jax.Array) -> tu
 
         def key_block(j: jax.Array, inner: tuple) -> tuple:
             dq_BGMH, dk_BGSH, dv_BGSH = inner
-            k_BGKH = lax.dynamic_slice_in_dim(k_BGSH, j * bk, bk, axis=2)
-            v_BGKH = lax.dynamic_slice_in_dim(v_BGSH, j * bk, bk, axis=2)
-            segk_BK = lax.dynamic_slice_in_dim(segk_BS, j * bk, bk, axis=1)
-            s_BGMK = jnp.einsum(
-                "bgmh,bgkh->bgmk", q_BGMH_i, k_BGKH, preferred_element_type=jnp.float32
+            k_BGKH, v_BGKH, s_BGMK, mask = _key_block(
+                q_BGMH_i, k_BGSH, v_BGSH, segq_BM_i, segk_BS, i, j, bq, bk, r
             )
-            s_BGMK = s_BGMK * scale
-            mask = _block_mask(segq_BM_i, segk_BK, i * bq, j * bk, r)
             p_BGMK = jnp.where(mask, jnp.exp(s_BGMK - lse_BGM_i[..., None]), 0.0)
             dv_BGKH = jnp.einsum(
                 "bgmk,bgmh->bgkh",
