@@ -17,7 +17,9 @@ Nothing is allocated and nothing runs on a device. Terms, per device:
   recompute peak   with remat, the backward pass re-materialises one layer at a time: the
                    largest difference between that layer's full and remat residuals
   logits           float32 logits and their gradient, [tokens, vocab / tensor] (and the MTP
-                   head's when the model has one)
+                   head's when the model has one); with a chunked cross-entropy
+                   (`train.loss_chunk`, --loss_chunk, the presets' 1024) only one chunk's,
+                   [rows x chunk, vocab / tensor], one head at a time
   MoE buffers      with expert parallelism, the static all-to-all buffers of one layer
                    (dropless: P * rows per device, the worst case; with --capacity_factor:
                    cf * rows), alive while that layer runs
@@ -197,6 +199,7 @@ def plan(
     capacity_factor: float | None = None,
     mtp: bool = True,
     name: str = "model",
+    loss_chunk: int = 1024,
 ) -> Plan:
     """The per-device memory plan (see the module doc)."""
     c = config.text_config
@@ -260,16 +263,22 @@ def plan(
         )
     heads = 1 + (1 if mtp and c.mtp_num_hidden_layers else 0)
     vocab_local = -(-c.vocab_size // tensor) if c.vocab_size % tensor == 0 else c.vocab_size
-    terms.append(
-        (
-            f"logits + gradient, float32 ({heads} head{'s' * (heads > 1)})",
-            heads * 2 * 4 * tokens * vocab_local,
+    if loss_chunk and loss_chunk < t_local:
+        rows = b_local * loss_chunk
+        terms.append(
+            (f"logits + gradient, float32 (chunks of {loss_chunk})", 2 * 4 * rows * vocab_local)
         )
-    )
+    else:
+        terms.append(
+            (
+                f"logits + gradient, float32 ({heads} head{'s' * (heads > 1)})",
+                heads * 2 * 4 * tokens * vocab_local,
+            )
+        )
     if terms[-1][1] > 0.2 * hbm:
         notes.append(
-            "the logits are materialised whole: a chunked cross-entropy, tensor > 1 (vocab is "
-            "split over it) or a smaller per-device batch shrinks them"
+            "the logits take a large share: a smaller --loss_chunk (train.loss_chunk), "
+            "tensor > 1 (vocab is split over it) or a smaller per-device batch shrinks them"
         )
     if c.is_moe and sizes["expert"] > 1:
         p = sizes["expert"]
@@ -324,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--param_dtype", default=None, choices=["bfloat16", "float32"])
     ap.add_argument("--capacity_factor", type=float, default=None)
+    ap.add_argument(
+        "--loss_chunk",
+        type=int,
+        default=1024,
+        help="train.loss_chunk: positions per row per cross-entropy chunk (0: whole logits)",
+    )
     ap.add_argument("--no_mtp", action="store_true", help="train without the MTP head")
     ap.add_argument("--text_only", action="store_true", help="drop the vision tower")
     args = ap.parse_args(argv)
@@ -348,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             args.capacity_factor,
             not args.no_mtp,
             args.model,
+            args.loss_chunk,
         )
     except ValueError as e:
         print(f"plan: {e}", file=sys.stderr)

@@ -8,7 +8,8 @@ Public API (stable; later modules and the tests use exactly these names):
             positions=None, pixel_values=None, image_grid_thw=None,
             pixel_values_videos=None, video_grid_thw=None) -> logits [B, T, vocab]
     apply(config, params, input_ids, ...) -> ModelOutput(logits, hidden, aux_loss,
-            expert_load, mtp_logits)                   what training needs
+            expert_load, mtp_logits, mtp_hidden)       what training needs
+    lm_head_weights(config, params) -> [D, vocab]      the output projection (tied or not)
     abstract_params(config) -> shapes with logical axis names (jax.eval_shape, no FLOPs)
     process_images(images, **kw), process_videos(videos, **kw) -> pixel arrays and grids
     expand_placeholders(input_ids, image_grid_thw=..., video_grid_thw=..., ...) -> input ids
@@ -30,7 +31,14 @@ from qwen35_jax.config import (
     VisionConfig,
 )
 from qwen35_jax.convert.hf import CheckpointError, load_hf
-from qwen35_jax.model import ModelOutput, abstract_params, apply, forward, init_params
+from qwen35_jax.model import (
+    ModelOutput,
+    abstract_params,
+    apply,
+    forward,
+    init_params,
+    lm_head_weights,
+)
 from qwen35_jax.positions import rope_index
 from qwen35_jax.presets import PRESETS, get_config
 from qwen35_jax.processor import expand_placeholders, process_images, process_videos
@@ -49,6 +57,7 @@ __all__ = [
     "forward",
     "get_config",
     "init_params",
+    "lm_head_weights",
     "load_hf",
     "process_images",
     "process_videos",

@@ -62,6 +62,7 @@ class ModelOutput(NamedTuple):
     aux_loss: jax.Array  # scalar MoE load-balancing loss (0 for dense), unscaled by the coef
     expert_load: jax.Array | None  # [L, E] fraction of top-k assignments per expert per layer
     mtp_logits: jax.Array | None  # [B, T, V] float32, predicts token t+2 (when return_mtp)
+    mtp_hidden: jax.Array | None = None  # [B, T, D] the MTP head's hidden state (when return_mtp)
 
 
 def document_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -160,15 +161,15 @@ class Qwen35TextModel(nn.Module):
         logits = logits_of(hidden_BTD) if return_logits else None
         aux_loss, expert_load = _moe_statistics(c, stats)
 
-        mtp_logits = None
+        mtp_logits = mtp_hidden_BTD = None
         if c.mtp_num_hidden_layers and (return_mtp or self.is_initializing()):
             next_ids_BT = jnp.concatenate(
                 [input_ids_BT[:, 1:], jnp.zeros_like(input_ids_BT[:, :1])], axis=1
             )
             next_embed_BTD = jnp.take(embed_VD, next_ids_BT, axis=0).astype(dtype)
             mtp_hidden_BTD, _ = MTPHead(c, **kw, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
-            mtp_logits = logits_of(mtp_hidden_BTD)
-        return ModelOutput(logits, hidden_BTD, aux_loss, expert_load, mtp_logits)
+            mtp_logits = logits_of(mtp_hidden_BTD) if return_logits else None
+        return ModelOutput(logits, hidden_BTD, aux_loss, expert_load, mtp_logits, mtp_hidden_BTD)
 
 
 def _moe_statistics(c, stats: list[dict]) -> tuple[jax.Array, jax.Array | None]:
@@ -261,6 +262,8 @@ def apply(
     traced values (shapes depend only on P), and a patch budget may be padded (zero patches,
     zero grid rows). Per-row form for training: pixels [B, P_row, F] with grids [B, G_row, 3]
     (row b's placeholders take row b's patches; see `fusion.py`).
+    return_logits=False skips both heads' [B, T, V] logits (hidden and mtp_hidden are still
+    returned): a loss can then project chunks of tokens itself with `lm_head_weights`.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -311,6 +314,13 @@ def apply(
             return_mtp=return_mtp,
             vision=vision,
         )
+
+
+def lm_head_weights(config: Qwen35Config, params: dict) -> jax.Array:
+    """The [D, V] output projection shared by the main and MTP heads (tied: embed_tokens^T)."""
+    if config.text_config.tie_word_embeddings:
+        return params["embed_tokens"].T
+    return params["lm_head"]
 
 
 def forward(

@@ -115,7 +115,7 @@ def test_plan_issue_example_does_not_fit_and_names_terms(capsys):
 
 def test_plan_terms_are_consistent():
     cfg = q.get_config("qwen3.5-397b-a17b").replace(remat_policy="full", compute_dtype="bfloat16")
-    p = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25)
+    p = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25, loss_chunk=0)
     terms = dict(p.terms)
     params = terms["parameters (float32)"]
     n = sum(x.size for x in jax.tree.leaves(q.abstract_params(cfg)))
@@ -126,6 +126,14 @@ def test_plan_terms_are_consistent():
     assert p.fits and p.total < planner.CHIPS["v5p"][0]
     # one sequence per device; logits [8192, 248320] f32 and their gradient, main + MTP head
     assert terms["logits + gradient, float32 (2 heads)"] == 2 * 2 * 4 * 8192 * 248320
+    # chunked cross-entropy (the presets' train.loss_chunk=1024): one chunk of one head
+    chunked = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25)
+    assert dict(chunked.terms)["logits + gradient, float32 (chunks of 1024)"] == (
+        2 * 4 * 1024 * 248320
+    )
+    assert chunked.total == pytest.approx(
+        p.total - 2 * 2 * 4 * 8192 * 248320 + 2 * 4 * 1024 * 248320
+    )
 
 
 def test_plan_rejects_a_mesh_that_does_not_match_the_chips(capsys):

@@ -7,7 +7,9 @@
                 (MFU denominator; 0 = from the device kind, measured on CPU), prompts and
                 completion_tokens (greedy completions printed at the end), run_steps (stop
                 after this many steps of this invocation, with a checkpoint, as a job with a
-                time limit would; 0 = no limit)
+                time limit would; 0 = no limit), loss_chunk (> 0: the heads' cross-entropies
+                over chunks of that many positions per row, never holding the [B, T, vocab]
+                logits; 0 = whole logits)
     checkpoint  every_steps, keep, dir (relative to the workdir), async_save
     mesh        data, fsdp, tensor, expert, sequence (one may be -1: the remaining devices);
                 dcn_data, ..., dcn_sequence: the same axes across slices of a multi-slice pod
@@ -109,6 +111,7 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         prompts=("def ", "import "),
         completion_tokens=32,
         run_steps=0,
+        loss_chunk=0,
     )
     c.checkpoint = dict(every_steps=100, keep=3, dir="checkpoints", async_save=True)
     c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1, sequence=1)
@@ -163,7 +166,8 @@ def pretrain_config(
     """A pod pretraining config for a released preset: bfloat16 compute with float32 params and
     optimizer state, WSD schedule (10% decay), Qwen's own tokenizer (`data.tokenizer_path`: a
     directory holding its tokenizer.json), ArrayRecord data (`data.path` must be given), MTP
-    loss weight 0.3, z-loss 1e-4, remat of non-batch dots.
+    loss weight 0.3, z-loss 1e-4, remat of non-batch dots, the heads' cross-entropies over
+    chunks of 1024 positions (`train.loss_chunk`: no [B, T, vocab] logits in memory).
 
     The `fsdp: -1` mesh axis absorbs whatever devices are present; keep `train.batch_size`
     divisible by the batch-sharding axes (data x fsdp x expert). The workdir must be a path
@@ -181,6 +185,7 @@ def pretrain_config(
         mtp_lambda=0.3,
         z_loss=1e-4,
         completion_tokens=0,
+        loss_chunk=1024,
     )
     c.optimizer.update(
         lr=lr,
@@ -263,6 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "train.completion_tokens",
         "train.seed",
         "train.run_steps",
+        "train.loss_chunk",
         "optimizer.warmup_steps",
         "optimizer.weight_decay",
         "optimizer.clip_norm",

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import linen as nn
 
 import qwen35_jax
 from qwen35_jax import sharding
@@ -42,7 +41,7 @@ from train.metrics import MetricsLogger
 from train.optimizer import make_optimizer
 from train.prepare import PreparedData, multimodal_encoder, prepare_data
 from train.sampling import greedy_complete
-from train.state import abstract_state, check_params_match, init_state
+from train.state import abstract_state, batch_shardings, check_params_match, init_state
 from train.step import make_train_step
 
 _RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "remat_policy", "gdn_chunk_size")
@@ -84,17 +83,6 @@ def _batch_shapes(
         patch_dim = VisualSpec.of(model_cfg).patch_dim
         return batch_shapes(t.batch_size, t.seq_len, d.patches_per_row, d.images_per_row, patch_dim)
     return {k: (t.batch_size, t.seq_len) for k in ("tokens", "segment_ids", "positions")}
-
-
-def _batch_shardings(mesh: jax.sharding.Mesh, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """Rows over the batch axes; [B, T] arrays as ("batch", "length"), others replicated."""
-
-    def one(shape: tuple[int, ...]) -> Any:
-        names = ("batch", "length") if len(shape) == 2 else ("batch",) + (None,) * (len(shape) - 1)
-        boxed = nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.int32), names=names)
-        return sharding.logical_to_mesh_sharding({"x": boxed}, mesh)["x"]
-
-    return {k: one(shape) for k, shape in shapes.items()}
 
 
 def _global_batch(
@@ -240,10 +228,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
 
     shape = (t.batch_size, t.seq_len)
     shapes = _batch_shapes(config, model_cfg)
-    batch_shardings = _batch_shardings(mesh, shapes)
+    batch_sh = batch_shardings(mesh, shapes)
     step_fn = jax.jit(
         make_train_step(model_cfg, tx, schedule, t),
-        in_shardings=(shardings, batch_shardings),
+        in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
@@ -295,7 +283,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
 
     with jax.set_mesh(mesh), sharding.axis_rules():
         while step < stop_at:
-            batch = _global_batch(next(data_iter), batch_shardings, shapes)
+            batch = _global_batch(next(data_iter), batch_sh, shapes)
             state, metrics = step_fn(state, batch)
             step += 1
             if pending is not None:

@@ -61,6 +61,49 @@ def cross_entropy_sums(
     return ce, z, jnp.sum(mask_BT)
 
 
+def chunked_cross_entropy_sums(
+    hidden_BTD: jax.Array,
+    head_DV: jax.Array,
+    targets_BT: jax.Array,
+    valid_BT: jax.Array,
+    *,
+    chunk: int,
+    dtype: jnp.dtype = jnp.float32,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`cross_entropy_sums(hidden @ head, ...)` without ever holding the [B, T, V] logits.
+
+    A scan over chunks of `chunk` positions of every row (T padded to a multiple with invalid
+    positions): each chunk's logits [B, chunk, V] (`dtype` operands, float32 accumulation, as
+    the model's own head) are rematerialised in the backward pass, so the head costs
+    O(B * chunk * V) memory instead of O(B * T * V), for one extra head matmul.
+    """
+    b, t, d = hidden_BTD.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        valid_BT = jnp.pad(valid_BT, ((0, 0), (0, pad)))
+    h_NBCD = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
+    tgt_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
+    val_NBC = valid_BT.reshape(b, n, chunk).swapaxes(0, 1)
+    head_DV = head_DV.astype(dtype)
+
+    @jax.checkpoint
+    def one_chunk(h_BCD, tgt_BC, val_BC):
+        logits_BCV = jnp.einsum(
+            "bcd,dv->bcv", h_BCD.astype(dtype), head_DV, preferred_element_type=jnp.float32
+        )
+        return cross_entropy_sums(logits_BCV, tgt_BC, val_BC)
+
+    def body(carry, xs):
+        return tuple(a + x for a, x in zip(carry, one_chunk(*xs), strict=True)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero, zero), (h_NBCD, tgt_NBC, val_NBC))
+    return sums
+
+
 def target_counts(
     segment_ids_BT: jax.Array, with_mtp: bool, loss_mask_BT: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:

@@ -7,6 +7,7 @@ mesh shardings through `qwen35_jax.sharding.logical_to_mesh_sharding`; every opt
 that mirrors a parameter (Adam moments) takes that parameter's sharding
 (`optax.tree_map_params`); scalars (step, counts) are replicated. The state is then created by a
 jitted function with these `out_shardings`, so each device only ever holds its own shards.
+`batch_shardings` gives the step's other input: batch rows over the batch axes.
 
 Initial parameters: random (`init_params`), or given (from a Hugging Face checkpoint via
 `qwen35_jax.load_hf`, or the params of one of our orbax checkpoints) with a fresh optimizer.
@@ -101,3 +102,14 @@ def check_params_match(params: Any, abstract_params: Any, what: str) -> None:
                 f"{what}: parameter {key} has shape {got.get(key)}, the model config expects "
                 f"{want.get(key)}"
             )
+
+
+def batch_shardings(mesh: jax.sharding.Mesh, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Rows over the batch axes; [B, T] arrays as ("batch", "length"), others replicated."""
+
+    def one(shape: tuple[int, ...]) -> Any:
+        names = ("batch", "length") if len(shape) == 2 else ("batch",) + (None,) * (len(shape) - 1)
+        boxed = nn.Partitioned(jax.ShapeDtypeStruct(shape, jnp.int32), names=names)
+        return sharding.logical_to_mesh_sharding({"x": boxed}, mesh)["x"]
+
+    return {k: one(shape) for k, shape in shapes.items()}

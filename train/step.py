@@ -55,8 +55,11 @@ def micro_losses(
     n_main: jax.Array,
     n_mtp: jax.Array,
     num_micro: int,
+    loss_chunk: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(objective share of one micro-batch, its metric sums)."""
+    """(objective share of one micro-batch, its metric sums). `loss_chunk` > 0: the heads'
+    cross-entropies are computed over chunks of that many positions per row without the full
+    [B, T, V] logits (`losses.chunked_cross_entropy_sums`)."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
     mask_BT = batch.get("loss_mask")
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and mtp_lambda > 0
@@ -66,18 +69,33 @@ def micro_losses(
         tokens_BT,
         segment_ids=seg_BT,
         positions=batch.get("positions"),
+        return_logits=not loss_chunk,
         return_mtp=with_mtp,
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
     )
+    if loss_chunk:
+        head_DV = qwen35_jax.lm_head_weights(model_cfg, params)
+        dtype = jnp.dtype(model_cfg.compute_dtype)
+
+        def ce_sums(hidden_BTD, targets_BT, valid_BT):
+            return losses.chunked_cross_entropy_sums(
+                hidden_BTD, head_DV, targets_BT, valid_BT, chunk=loss_chunk, dtype=dtype
+            )
+    else:
+
+        def ce_sums(logits_BTV, targets_BT, valid_BT):
+            return losses.cross_entropy_sums(logits_BTV, targets_BT, valid_BT)
+
     targets_BT, valid_BT = losses.shifted_targets(tokens_BT, seg_BT, 1, mask_BT)
-    ce_sum, z_sum, _ = losses.cross_entropy_sums(out.logits, targets_BT, valid_BT)
+    ce_sum, z_sum, _ = ce_sums(out.hidden if loss_chunk else out.logits, targets_BT, valid_BT)
     n_main = jnp.maximum(n_main, 1.0)
     objective = (ce_sum + z_loss * z_sum) / n_main
     sums = {"ce": ce_sum, "z": z_sum, "aux": out.aux_loss}
     if with_mtp:
         targets2_BT, valid2_BT = losses.shifted_targets(tokens_BT, seg_BT, 2, mask_BT)
-        mtp_sum, _, _ = losses.cross_entropy_sums(out.mtp_logits, targets2_BT, valid2_BT)
+        mtp_out = out.mtp_hidden if loss_chunk else out.mtp_logits
+        mtp_sum, _, _ = ce_sums(mtp_out, targets2_BT, valid2_BT)
         objective = objective + mtp_lambda * mtp_sum / jnp.maximum(n_mtp, 1.0)
         sums["mtp"] = mtp_sum
     if model_cfg.is_moe:
@@ -96,12 +114,18 @@ def make_train_step(
     """The (unjitted) step function; `loop.py` jits it with shardings and donation."""
     num_micro = int(train_cfg.grad_accum)
     mtp_lambda, z_loss = float(train_cfg.mtp_lambda), float(train_cfg.z_loss)
+    loss_chunk = int(train_cfg.get("loss_chunk", 0))
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and mtp_lambda > 0
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         n_main, n_mtp = losses.target_counts(batch["segment_ids"], with_mtp, batch.get("loss_mask"))
         kw = dict(
-            mtp_lambda=mtp_lambda, z_loss=z_loss, n_main=n_main, n_mtp=n_mtp, num_micro=num_micro
+            mtp_lambda=mtp_lambda,
+            z_loss=z_loss,
+            n_main=n_main,
+            n_mtp=n_mtp,
+            num_micro=num_micro,
+            loss_chunk=loss_chunk,
         )
         grad_fn = jax.value_and_grad(
             lambda p, mb: micro_losses(model_cfg, p, mb, **kw), has_aux=True
