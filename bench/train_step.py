@@ -16,6 +16,10 @@ tokens (B x T, one document per row), float32 on CPU, one full optimizer step ea
 Steps alternate between the two (ours, torch, ours, ...) so that load from other processes on
 shared cores hits both alike; the medians are reported.
 
+Where the time goes (`--ablate`): the same comparison with our Gated DeltaNet kernel replaced by
+a cheap stand-in (o = v scaled by q, k, g, beta, so gradients still reach every input): the
+ratio it reaches bounds what any GDN kernel work could buy on this machine.
+
 Compile time: `jit(step).lower(...).compile()` of the MoE config at 8 and at 48 layers (the
 faster of two alternating attempts each): the layer stack is a scan over 4-layer blocks, so
 depth should barely change it.
@@ -102,6 +106,11 @@ def ours(cfg, batch_np):
     return run, compile_s
 
 
+def _gdn_stand_in(q, k, v, g, beta, **_):
+    """A near-free substitute for `gated_delta_rule` (for --ablate only): elementwise."""
+    return v * (q[..., :1] + k[..., :1] + g[..., None] + beta[..., None])
+
+
 def torch_step(cfg, batch_np):
     import torch
     import transformers
@@ -129,7 +138,7 @@ def torch_step(cfg, batch_np):
     return run
 
 
-def throughput(moe: bool, batch: int, seq: int, steps: int) -> dict:
+def throughput(moe: bool, batch: int, seq: int, steps: int, stub_gdn: bool = False) -> dict:
     cfg = model_config(moe)
     rng = np.random.default_rng(0)
     tok = rng.integers(0, cfg.text_config.vocab_size, size=(batch, seq)).astype(np.int32)
@@ -138,7 +147,15 @@ def throughput(moe: bool, batch: int, seq: int, steps: int) -> dict:
         "segment_ids": np.ones_like(tok),
         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), tok.shape).copy(),
     }
-    run_ours, _ = ours(cfg, batch_np)
+    if stub_gdn:
+        from unittest import mock
+
+        from qwen35_jax.layers import gated_deltanet
+
+        with mock.patch.object(gated_deltanet, "gated_delta_rule", _gdn_stand_in):
+            run_ours, _ = ours(cfg, batch_np)  # traced and compiled under the patch
+    else:
+        run_ours, _ = ours(cfg, batch_np)
     run_torch = torch_step(cfg, batch_np)
     for f in (run_ours, run_torch):  # warm-up
         f()
@@ -152,7 +169,8 @@ def throughput(moe: bool, batch: int, seq: int, steps: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = batch * seq
     return {
-        "model": "hybrid MoE (4 experts top-2 + shared)" if moe else "hybrid dense",
+        "model": ("hybrid MoE (4 experts top-2 + shared)" if moe else "hybrid dense")
+        + (", GDN kernel stubbed" if stub_gdn else ""),
         "ours_tok_s": tokens / med["ours"],
         "torch_tok_s": tokens / med["torch"],
         "ratio": med["torch"] / med["ours"],
@@ -171,11 +189,11 @@ def compile_seconds(layers: int, batch: int, seq: int) -> float:
     return seconds
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md; other sections untouched."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) one benchmark's section of RESULTS.md; other sections untouched."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION in old:
-        head, rest = old.split(SECTION, 1)
+    if section in old:
+        head, rest = old.split(section, 1)
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1 :] if nxt >= 0 else ""
         new = head + text + ("\n" + tail if tail else "")
@@ -190,10 +208,13 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    ap.add_argument("--ablate", action="store_true", help="also time ours with the GDN stubbed")
     args = ap.parse_args()
     import torch
 
     rows = [throughput(moe, args.batch, args.seq, args.steps) for moe in (False, True)]
+    if args.ablate:
+        rows += [throughput(m, args.batch, args.seq, args.steps, True) for m in (False, True)]
     compiles = {8: [], 48: []}
     for _ in range(2):  # alternate depths, keep the faster of two compiles each
         for n in compiles:
