@@ -53,21 +53,10 @@ def load_config(path: str):
 
 
 def shrink_for_smoke(c) -> None:
-    """A tiny hybrid MoE-free model with MTP, seconds on CPU."""
-    t = c.model.text_config
-    t.vocab_size = 512
-    t.hidden_size = 64
-    t.intermediate_size = 128
-    t.num_hidden_layers = 4
-    t.full_attention_interval = 4
-    t.num_attention_heads = 2
-    t.num_key_value_heads = 1
-    t.head_dim = 32
-    t.linear_num_key_heads = 1
-    t.linear_num_value_heads = 2
-    t.linear_key_head_dim = 32
-    t.linear_value_head_dim = 32
-    c.model.gdn_chunk_size = 32
+    """The tiny CPU model of configs/tiny_cpu.py (hybrid MoE with MTP) in the preset's recipe."""
+    tiny = load_config(str(ROOT / "configs" / "tiny_cpu.py"))
+    c.model.text_config = tiny.model.text_config
+    c.model.gdn_chunk_size = tiny.model.gdn_chunk_size
 
 
 def packed_batch(batch: int, seq: int, doc_len: int, vocab: int, seed: int = 0) -> dict:
