@@ -47,12 +47,13 @@ def setup():
 _STEPS = {}  # (mesh axes, grad_accum) -> (jitted step, shardings, mesh): compiled once
 
 
-def one_step(setup, axes, *, grad_accum=1, params=None):
+def one_step(setup, axes, *, grad_accum=1, params=None, loss_chunk=0):
     cfg, config, tx, schedule, base_params, batch = setup
-    key = (tuple(sorted(axes.items())), grad_accum)
+    key = (tuple(sorted(axes.items())), grad_accum, loss_chunk)
     if key not in _STEPS:
         mesh = sharding.make_mesh(**axes) if axes else sharding.make_mesh(devices=jax.devices()[:1])
         config.train.grad_accum = grad_accum
+        config.train.loss_chunk = loss_chunk
         _, shardings = abstract_state(cfg, tx, mesh)
         batch_sharding = jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
@@ -105,6 +106,12 @@ def test_eight_device_mesh_step_equals_single_device(setup, single, axes):
     state, metrics = one_step(setup, axes)
     assert_same_step(single, (state, metrics))
     assert int(state.step) == 1 and bool(metrics["finite"])
+
+
+def test_chunked_cross_entropy_step_equals_whole_logits(setup, single):
+    """train.loss_chunk=12 on 32-token rows (chunks 12, 12, 8 + 4 padded), fsdp=8: the same
+    losses, grad norm and updated parameters as the whole-logits step on one device."""
+    assert_same_step(single, one_step(setup, {"fsdp": 8}, loss_chunk=12))
 
 
 @pytest.mark.slow
