@@ -109,9 +109,10 @@ def test_eight_device_mesh_step_equals_single_device(setup, single, axes):
 
 
 def test_chunked_cross_entropy_step_equals_whole_logits(setup, single):
-    """train.loss_chunk=12 on 32-token rows (chunks 12, 12, 8 + 4 padded), fsdp=8: the same
+    """train.loss_chunk=12 on 32-token rows (chunks 12, 12, 8 + 4 padded) on fsdp=4 x sequence=2
+    (rows and positions both split; chunks cross the sequence shards): the same
     losses, grad norm and updated parameters as the whole-logits step on one device."""
-    assert_same_step(single, one_step(setup, {"fsdp": 8}, loss_chunk=12))
+    assert_same_step(single, one_step(setup, {"fsdp": 4, "sequence": 2}, loss_chunk=12))
 
 
 @pytest.mark.slow
