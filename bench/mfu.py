@@ -44,17 +44,17 @@ RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(path: str):
-    """`get_config()` of a configs/*.py file."""
+def load_config(path: str, *args: str):
+    """`get_config(*args)` of a configs/*.py file."""
     spec = importlib.util.spec_from_file_location("bench_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def shrink_for_smoke(c) -> None:
-    """The tiny CPU model of configs/tiny_cpu.py (hybrid MoE with MTP) in the preset's recipe."""
-    tiny = load_config(str(ROOT / "configs" / "tiny_cpu.py"))
+    """The tiny CPU model of configs/tiny_cpu.py (dense variant, MTP) in the preset's recipe."""
+    tiny = load_config(str(ROOT / "configs" / "tiny_cpu.py"), "dense")
     c.model.text_config = tiny.model.text_config
     c.model.gdn_chunk_size = tiny.model.gdn_chunk_size
 
