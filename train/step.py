@@ -74,28 +74,24 @@ def micro_losses(
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
     )
-    if loss_chunk:
-        head_DV = qwen35_jax.lm_head_weights(model_cfg, params)
-        dtype = jnp.dtype(model_cfg.compute_dtype)
+    head_DV = qwen35_jax.lm_head_weights(model_cfg, params) if loss_chunk else None
 
-        def ce_sums(hidden_BTD, targets_BT, valid_BT):
+    def ce_sums(hidden_BTD, logits_BTV, targets_BT, valid_BT):
+        if loss_chunk:
+            dtype = jnp.dtype(model_cfg.compute_dtype)
             return losses.chunked_cross_entropy_sums(
                 hidden_BTD, head_DV, targets_BT, valid_BT, chunk=loss_chunk, dtype=dtype
             )
-    else:
-
-        def ce_sums(logits_BTV, targets_BT, valid_BT):
-            return losses.cross_entropy_sums(logits_BTV, targets_BT, valid_BT)
+        return losses.cross_entropy_sums(logits_BTV, targets_BT, valid_BT)
 
     targets_BT, valid_BT = losses.shifted_targets(tokens_BT, seg_BT, 1, mask_BT)
-    ce_sum, z_sum, _ = ce_sums(out.hidden if loss_chunk else out.logits, targets_BT, valid_BT)
+    ce_sum, z_sum, _ = ce_sums(out.hidden, out.logits, targets_BT, valid_BT)
     n_main = jnp.maximum(n_main, 1.0)
     objective = (ce_sum + z_loss * z_sum) / n_main
     sums = {"ce": ce_sum, "z": z_sum, "aux": out.aux_loss}
     if with_mtp:
         targets2_BT, valid2_BT = losses.shifted_targets(tokens_BT, seg_BT, 2, mask_BT)
-        mtp_out = out.mtp_hidden if loss_chunk else out.mtp_logits
-        mtp_sum, _, _ = ce_sums(mtp_out, targets2_BT, valid2_BT)
+        mtp_sum, _, _ = ce_sums(out.mtp_hidden, out.mtp_logits, targets2_BT, valid2_BT)
         objective = objective + mtp_lambda * mtp_sum / jnp.maximum(n_mtp, 1.0)
         sums["mtp"] = mtp_sum
     if model_cfg.is_moe:
