@@ -18,7 +18,9 @@ shared cores hits both alike; the medians are reported.
 
 Where the time goes (`--ablate`): the same comparison with our Gated DeltaNet kernel replaced by
 a cheap stand-in (o = v scaled by q, k, g, beta, so gradients still reach every input): the
-ratio it reaches bounds what any GDN kernel work could buy on this machine.
+ratio it reaches bounds what any GDN kernel work could buy on this machine. A second row stubs
+both kernels (transformers' `torch_chunk_gated_delta_rule` too, keeping its in-kernel q/k L2 norm
+and head repeat): the ratio of everything except the GDN kernels.
 
 Compile time: `jit(step).lower(...).compile()` of the MoE config at 8 and at 48 layers (the
 faster of two alternating attempts each): the layer stack is a scan over 4-layer blocks, so
@@ -111,6 +113,19 @@ def _gdn_stand_in(q, k, v, g, beta, **_):
     return v * (q[..., :1] + k[..., :1] + g[..., None] + beta[..., None])
 
 
+def _torch_gdn_stand_in(query, key, value, g, beta, use_qk_l2norm_in_kernel=False, **_):
+    """transformers' chunk kernel signature; the same elementwise stand-in (for --ablate only)."""
+    import torch
+
+    if use_qk_l2norm_in_kernel:  # as transformers' l2norm
+        query = query * torch.rsqrt((query * query).sum(-1, keepdim=True) + 1e-6)
+        key = key * torch.rsqrt((key * key).sum(-1, keepdim=True) + 1e-6)
+    rep = value.shape[2] // key.shape[2]
+    query, key = query.repeat_interleave(rep, dim=2), key.repeat_interleave(rep, dim=2)
+    out = value * (query[..., :1] + key[..., :1] + g[..., None] + beta[..., None])
+    return out, None
+
+
 def torch_step(cfg, batch_np):
     import torch
     import transformers
@@ -130,7 +145,7 @@ def torch_step(cfg, batch_np):
 
     def run():
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, labels=ids, use_cache=False)  # no decode cache in training
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -138,7 +153,9 @@ def torch_step(cfg, batch_np):
     return run
 
 
-def throughput(moe: bool, batch: int, seq: int, steps: int, stub_gdn: bool = False) -> dict:
+def throughput(
+    moe: bool, batch: int, seq: int, steps: int, stub_gdn: bool = False, stub_torch: bool = False
+) -> dict:
     cfg = model_config(moe)
     rng = np.random.default_rng(0)
     tok = rng.integers(0, cfg.text_config.vocab_size, size=(batch, seq)).astype(np.int32)
@@ -157,6 +174,14 @@ def throughput(moe: bool, batch: int, seq: int, steps: int, stub_gdn: bool = Fal
     else:
         run_ours, _ = ours(cfg, batch_np)
     run_torch = torch_step(cfg, batch_np)
+    if stub_torch:
+        import importlib
+        from unittest import mock
+
+        name = "qwen3_5_moe" if moe else "qwen3_5"
+        hf_mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        patch = mock.patch.object(hf_mod, "torch_chunk_gated_delta_rule", _torch_gdn_stand_in)
+        run_torch = _patched(run_torch, patch)
     for f in (run_ours, run_torch):  # warm-up
         f()
         f()
@@ -170,11 +195,20 @@ def throughput(moe: bool, batch: int, seq: int, steps: int, stub_gdn: bool = Fal
     tokens = batch * seq
     return {
         "model": ("hybrid MoE (4 experts top-2 + shared)" if moe else "hybrid dense")
-        + (", GDN kernel stubbed" if stub_gdn else ""),
+        + (", GDN kernels stubbed in both" if stub_torch else "")
+        + (", our GDN kernel stubbed" if stub_gdn and not stub_torch else ""),
         "ours_tok_s": tokens / med["ours"],
         "torch_tok_s": tokens / med["torch"],
         "ratio": med["torch"] / med["ours"],
     }
+
+
+def _patched(run, patch):
+    def patched_run():
+        with patch:
+            run()
+
+    return patched_run
 
 
 def compile_seconds(layers: int, batch: int, seq: int) -> float:
@@ -215,6 +249,7 @@ def main() -> None:
     rows = [throughput(moe, args.batch, args.seq, args.steps) for moe in (False, True)]
     if args.ablate:
         rows += [throughput(m, args.batch, args.seq, args.steps, True) for m in (False, True)]
+        rows += [throughput(m, args.batch, args.seq, args.steps, True, True) for m in (False, True)]
     compiles = {8: [], 48: []}
     for _ in range(2):  # alternate depths, keep the faster of two compiles each
         for n in compiles:
