@@ -26,6 +26,8 @@ with `model.safetensors.index.json`: memory about one output shard.
 
 `restore_params(ckpt_dir, shardings)` gives (config, params) for the trainer, restoring each leaf
 straight into its `NamedSharding` when shardings are given.
+
+The directory layout, leaf addressing and chunking are in `orbax_layout.py`.
 """
 
 from __future__ import annotations
@@ -36,15 +38,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-import ml_dtypes
 import numpy as np
-from flax import linen as nn
 
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.convert.hf import (
@@ -55,6 +53,22 @@ from qwen35_jax.convert.hf import (
     shard_files,
 )
 from qwen35_jax.convert.hf_names import Rule, hf_rules
+from qwen35_jax.convert.orbax_layout import (
+    FORMAT,
+    SIDE_FILES,
+    Path,
+    atomic_dir,
+    copy_side_files,
+    finish,
+    get_leaf,
+    is_converted_checkpoint,
+    leaf_shapes,
+    leaf_store,
+    read_meta,
+    set_leaf,
+    shard_shapes,
+    write_orbax_metadata,
+)
 from qwen35_jax.convert.safetensors_io import (
     CODES,
     DTYPES,
@@ -63,14 +77,9 @@ from qwen35_jax.convert.safetensors_io import (
     write_safetensors,
 )
 from qwen35_jax.convert.vision_names import detect_prefix
-from qwen35_jax.model import abstract_params
 
-FORMAT = "qwen35_jax.orbax.v1"
 DEFAULT_SHARD_BYTES = 2 * 10**9
-CHUNK_BYTES = 64 << 20
 RELEASE_BYTES = 16 << 20  # hand freed heap back to the OS after tensors this large
-
-Path = tuple[str, ...]
 
 
 # ---------------------------------------------------------------- progress
@@ -148,129 +157,6 @@ def _check_extent(st: SafetensorsFile, key: str) -> str | None:
     return None
 
 
-def _get(tree: dict, path: Path) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: dict, path: Path, value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
-def leaf_shapes(config: Qwen35Config) -> dict[Path, jax.ShapeDtypeStruct]:
-    """{leaf path: ShapeDtypeStruct} of the parameter tree of `config`."""
-    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract_params(config)))[0]
-    return {tuple(k.key for k in kp): s for kp, s in flat}
-
-
-def shard_shapes(config: Qwen35Config, mesh: Mapping[str, int]) -> dict[Path, tuple[int, ...]]:
-    """{leaf path: the shape of one device's shard} under the sharding table on a mesh of these
-    axis sizes (`sharding.parse_mesh` form; dcn_<axis> factors multiply their axis)."""
-    from qwen35_jax import sharding  # noqa: PLC0415
-
-    sizes = {a: int(mesh.get(a, 1)) * int(mesh.get(f"dcn_{a}", 1)) for a in sharding.MESH_AXES}
-    bad = {k: v for k, v in mesh.items() if int(v) < 1}
-    if bad:
-        raise ValueError(f"--mesh sizes must be explicit positive integers here, got {bad}")
-    boxed = jax.tree_util.tree_flatten_with_path(
-        abstract_params(config), is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )[0]
-    out = {}
-    for kp, box in boxed:
-        spec = sharding.logical_spec(box.names, box.value.shape, sizes)
-        shard = []
-        for dim, axes in zip(box.value.shape, tuple(spec) + (None,) * len(box.names), strict=False):
-            axes = (axes,) if isinstance(axes, str) else axes or ()
-            shard.append(dim // int(np.prod([sizes[a] for a in axes], dtype=np.int64)))
-        out[tuple(k.key for k in kp)] = tuple(shard)
-    return out
-
-
-def _leaf_store(
-    params_dir: str,
-    path: Path,
-    shape: tuple[int, ...],
-    dtype: np.dtype,
-    n_index: int,
-    create: bool,
-    shard: tuple[int, ...] | None = None,
-):
-    """A tensorstore zarr array at the place orbax (no OCDBT) keeps leaf `path`.
-
-    Chunks are one entry of the stacked (leading) axes, so each Hugging Face tensor fills whole
-    chunks (no read-modify-write), split further along the next axis to stay under 64 MiB. With
-    `shard` (one device's shard shape on a target mesh) no chunk is larger than a shard, so every
-    chunk belongs to exactly one device's shard and a sharded restore reads only its own chunks.
-    """
-    import tensorstore as ts
-
-    directory = os.path.join(params_dir, ".".join(path))
-    if not create:
-        return ts.open(
-            {"driver": "zarr", "kvstore": {"driver": "file", "path": directory}}
-        ).result()
-    chunks = [1] * n_index + list(shape[n_index:])
-    if shard is not None:
-        chunks = [min(c, s) for c, s in zip(chunks, shard, strict=True)]
-    rest = int(np.prod(chunks, dtype=np.int64)) * dtype.itemsize
-    if len(chunks) > n_index and rest > CHUNK_BYTES:
-        k = -(-rest // CHUNK_BYTES)
-        chunks[n_index] = max(1, -(-chunks[n_index] // k))
-    zdtype = "bfloat16" if dtype == np.dtype(ml_dtypes.bfloat16) else dtype.str
-    spec = {
-        "driver": "zarr",
-        "kvstore": {"driver": "file", "path": directory},
-        "metadata": {
-            "shape": list(shape),
-            "chunks": [max(1, c) for c in chunks],
-            "dtype": zdtype,
-            "compressor": {"id": "zstd", "level": 1},
-            "fill_value": None,
-            "order": "C",
-            "dimension_separator": ".",
-            "filters": None,
-        },
-    }
-    return ts.open(spec, create=True).result()
-
-
-def _write_orbax_metadata(params_dir: str, paths: list[Path]) -> None:
-    """The files that make `params_dir` an orbax PyTree checkpoint (zarr v2, no OCDBT)."""
-    tree = {
-        str(p): {
-            "key_metadata": [{"key": k, "key_type": 2} for k in p],
-            "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
-        }
-        for p in paths
-    }
-    meta = {
-        "tree_metadata": tree,
-        "use_ocdbt": False,
-        "use_zarr3": False,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-    }
-    with open(os.path.join(params_dir, "_METADATA"), "w") as f:
-        json.dump(meta, f)
-    now = time.time_ns()
-    ckpt_meta = {
-        "item_handlers": "orbax.checkpoint._src.handlers.pytree_checkpoint_handler."
-        "PyTreeCheckpointHandler",
-        "metrics": {},
-        "performance_metrics": {},
-        "init_timestamp_nsecs": now,
-        "commit_timestamp_nsecs": now,
-        "custom_metadata": {},
-    }
-    with open(os.path.join(params_dir, "_CHECKPOINT_METADATA"), "w") as f:
-        json.dump(ckpt_meta, f)
-    with open(os.path.join(params_dir, "commit_success.txt"), "w") as f:
-        f.write("Checkpoint commit was successful.")
-
-
 def _release() -> None:
     """Return freed heap to the OS (glibc keeps tensorstore's per-thread arenas otherwise)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc
@@ -283,44 +169,7 @@ def _ckptr():
     return ocp.PyTreeCheckpointer()
 
 
-def _atomic_dir(out: str) -> str:
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        raise FileExistsError(f"{out} already exists; remove it or choose another --out")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-
-
-def _finish(tmp: str, out: str) -> None:
-    os.rename(tmp, os.path.abspath(out))
-
-
 # ---------------------------------------------------------------- hf -> orbax
-# Copied along both ways, when present: the tokenizer and generation settings travel with the
-# weights (the trainer tokenizes a continued run with the checkpoint's tokenizer.json).
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-)
-
-
-def _copy_side_files(src: str | os.PathLike, dst: str) -> None:
-    for name in SIDE_FILES:
-        if os.path.isfile(os.path.join(src, name)):
-            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
-
-
-def is_converted_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is a `hf_to_orbax` output (as opposed to a trainer checkpoint)."""
-    return os.path.isfile(os.path.join(path, "convert.json"))
-
-
 def hf_to_orbax(
     hf_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -406,12 +255,12 @@ def hf_to_orbax(
 
     total = sum(int(np.prod(rules[k].shape)) * DTYPES[src_dtypes[k]].itemsize for k in where)
     bar = Progress("hf-to-orbax", len(rules), total) if progress else None
-    tmp = _atomic_dir(out)
+    tmp = atomic_dir(out)
     try:
         params_dir = os.path.join(tmp, "params")
         os.makedirs(params_dir)
         stores = {
-            p: _leaf_store(
+            p: leaf_store(
                 params_dir, p, shapes[p].shape, leaf_dtype[p], n_index[p], True, shards.get(p)
             )
             for p in shapes
@@ -437,13 +286,13 @@ def hf_to_orbax(
                     _release()
             _release()
         del stores
-        _write_orbax_metadata(params_dir, list(shapes))
+        write_orbax_metadata(params_dir, list(shapes))
         if used != set(rules):
             raise CheckpointError(f"internal: tensors not used: {sorted(set(rules) - used)}")
         if bar:
             bar.close()
         shutil.copy(os.path.join(hf_dir, "config.json"), os.path.join(tmp, "config.json"))
-        _copy_side_files(hf_dir, tmp)
+        copy_side_files(hf_dir, tmp)
         meta = {
             "format": FORMAT,
             "source": os.path.abspath(hf_dir),
@@ -459,7 +308,7 @@ def hf_to_orbax(
         }
         with open(os.path.join(tmp, "convert.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        _finish(tmp, out)
+        finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -470,17 +319,6 @@ def hf_to_orbax(
 
 
 # ---------------------------------------------------------------- orbax reading
-def _meta(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, "convert.json")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{ckpt_dir}: no convert.json: not written by hf-to-orbax")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
-
-
 def restore_params(
     ckpt_dir: str | os.PathLike, shardings: Any | None = None
 ) -> tuple[Qwen35Config, dict]:
@@ -494,7 +332,7 @@ def restore_params(
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.fspath(ckpt_dir)
-    meta = _meta(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     config = Qwen35Config.from_hf(ckpt_dir)
     shapes = leaf_shapes(config)
     stored = {tuple(n.split("/")) for n in meta["leaves"]}
@@ -510,16 +348,16 @@ def restore_params(
             args = ocp.RestoreArgs(restore_type=np.ndarray)
         else:
             args = ocp.ArrayRestoreArgs(
-                sharding=_get(shardings, p),
+                sharding=get_leaf(shardings, p),
                 global_shape=s.shape,
                 dtype=np.dtype(meta["leaf_dtypes"]["/".join(p)]),
             )
-        _set(tmpl, p, args)
+        set_leaf(tmpl, p, args)
     params = _ckptr().restore(
         os.path.join(ckpt_dir, "params"), args=ocp.args.PyTreeRestore(restore_args=tmpl)
     )
     for p, s in shapes.items():
-        leaf = _get(params, p)
+        leaf = get_leaf(params, p)
         if tuple(leaf.shape) != tuple(s.shape):
             raise CheckpointError(
                 f"{ckpt_dir}: leaf {'/'.join(p)} has shape {leaf.shape}, the config wants {s.shape}"
@@ -540,7 +378,7 @@ def orbax_to_hf(
     is bit-identical whenever the orbax dtype can hold the source values.
     """
     ckpt_dir, out = os.fspath(ckpt_dir), os.fspath(out)
-    meta = _meta(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     config = Qwen35Config.from_hf(ckpt_dir)
     rule_list = hf_rules(
         config,
@@ -554,7 +392,7 @@ def orbax_to_hf(
     src = meta["source_dtypes"]
     total = sum(int(np.prod(r.shape)) * DTYPES[src.get(r.key, "F32")].itemsize for r in rule_list)
     bar = Progress("orbax-to-hf", len(rule_list), total) if progress else None
-    tmp = _atomic_dir(out)
+    tmp = atomic_dir(out)
     try:
         weight_map: dict[str, str] = {}
         shard: list[tuple[str, np.ndarray]] = []
@@ -579,7 +417,7 @@ def orbax_to_hf(
             parts = []
             for pc in r.pieces:
                 if pc.path not in stores:
-                    stores[pc.path] = _leaf_store(params_dir, pc.path, (), np.dtype("f4"), 0, False)
+                    stores[pc.path] = leaf_store(params_dir, pc.path, (), np.dtype("f4"), 0, False)
                 view = stores[pc.path][pc.index] if pc.index else stores[pc.path]
                 parts.append(pc.to_hf(np.asarray(view.read().result())))
             dt = DTYPES[src[r.key]] if r.key in src else parts[0].dtype
@@ -609,8 +447,8 @@ def orbax_to_hf(
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
         shutil.copy(os.path.join(ckpt_dir, "config.json"), os.path.join(tmp, "config.json"))
-        _copy_side_files(ckpt_dir, tmp)
-        _finish(tmp, out)
+        copy_side_files(ckpt_dir, tmp)
+        finish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -620,8 +458,12 @@ def orbax_to_hf(
 __all__ = [
     "CODES",
     "DEFAULT_SHARD_BYTES",
+    "FORMAT",
+    "SIDE_FILES",
     "hf_to_orbax",
+    "is_converted_checkpoint",
     "leaf_shapes",
     "orbax_to_hf",
     "restore_params",
+    "shard_shapes",
 ]
