@@ -27,6 +27,18 @@ def hf_dir(tmp_path_factory):
     return str(path)
 
 
+def test_from_hf_too_large_for_host_memory_is_refused_before_reading(hf_dir, monkeypatch):
+    config = config_schema.base_config("tiny")
+    config.init.from_hf = hf_dir
+    assert loop.available_host_bytes() > 0  # this (Linux) host reports it
+    monkeypatch.setattr(loop, "available_host_bytes", lambda: 64 * 1024)  # 64 KiB free
+    monkeypatch.setattr(
+        loop.qwen35_jax, "load_hf", lambda *a, **k: pytest.fail("weights read anyway")
+    )
+    with pytest.raises(config_schema.ConfigValueError, match=r"init\.from_hf=.*hf-to-orbax"):
+        loop._model_and_params(config)
+
+
 def test_from_hf_takes_config_weights_and_tokenizer(hf_dir, tmp_path):
     config = config_schema.base_config("tiny")
     config.model.remat_policy = "full"

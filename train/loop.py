@@ -65,12 +65,42 @@ def _model_and_params(config: ml_collections.ConfigDict) -> tuple[qwen35_jax.Qwe
     model_cfg = config_schema.model_config(config)
     runtime = {name: getattr(model_cfg, name) for name in _RUNTIME_FIELDS}
     if config.init.from_hf:
+        _check_fits_host_memory(config.init.from_hf)
         hf_cfg, params = qwen35_jax.load_hf(config.init.from_hf, jnp.float32)
         return hf_cfg.replace(**runtime), params
     ckpt = config.init.from_checkpoint
     if ckpt and orbax_io.is_converted_checkpoint(ckpt):
         return qwen35_jax.Qwen35Config.from_hf(ckpt).replace(**runtime), None
     return model_cfg, None
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_fits_host_memory(hf_dir: str) -> None:
+    """`init.from_hf` reads every weight into this host's memory as float32 (then shards it):
+    refuse before reading when that cannot fit, pointing to the streaming converter."""
+    hf_cfg = qwen35_jax.Qwen35Config.from_hf(hf_dir)
+    shapes = jax.tree.leaves(qwen35_jax.abstract_params(hf_cfg))
+    need = sum(4 * int(np.prod(getattr(s, "value", s).shape)) for s in shapes)
+    have = available_host_bytes()
+    if have is not None and need > 0.8 * have:
+        raise config_schema.ConfigValueError(
+            f"init.from_hf={hf_dir!r}: loading it needs {need / 2**30:.1f} GiB of host memory "
+            f"(float32 weights), this host has {have / 2**30:.1f} GiB available. Convert it "
+            "once with `python -m qwen35_jax.convert hf-to-orbax --hf_dir DIR --out CKPT "
+            "[--mesh ...]` and pass --config.init.from_checkpoint=CKPT instead (restored "
+            "shard by shard, straight into each device's layout)."
+        )
 
 
 def _batch_shapes(
