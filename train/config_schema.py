@@ -17,8 +17,8 @@
     optimizer   lr, schedule ("cosine" | "wsd"), warmup_steps, decay_fraction (WSD: final
                 fraction of steps that decays), min_lr_ratio, b1, b2, eps, weight_decay, clip_norm
                 (0 = off)
-    data        kind ("stdlib" | "text" | "jsonl" | "arrayrecord" | "digits"), path
-                (comma-separated globs),
+    data        kind ("stdlib" | "text" | "jsonl" | "arrayrecord" | "digits" |
+                "image_jsonl"), path (comma-separated globs),
                 record_format ("text" | "json", ArrayRecord), text_key, max_bytes (stdlib cap),
                 tokenizer ("sentencepiece" | "hf"), tokenizer_path ("" = train a sentencepiece
                 model of vocab_size pieces into the workdir), vocab_size, read_threads,
@@ -27,11 +27,14 @@
                 multiple of the process count to make the data independent of the host count)
                 Multimodal kinds ("digits": scikit-learn's handwritten digits, captioned "digit
                 7", needs the `digits` extra; its word tokenizer is built in, the tokenizer keys
-                and path are unused): patches_per_row (the fixed patch budget of a row, P_row),
-                images_per_row (grid rows per row, G_row), image_size (digits are upscaled to
-                image_size x image_size), images_per_doc (1: image-caption pairs; k: documents
-                interleaving k images with their captions), eval_examples (held-out images
-                captioned greedily at the end of the run; accuracy printed; 0 = none)
+                and path are unused. "image_jsonl": JSON-lines image-text documents at `path`,
+                see train/data/image_text.py; tokenizer as for text):
+                patches_per_row (the fixed patch budget of a row, P_row),
+                images_per_row (grid rows per row, G_row); digits only: image_size (digits are
+                upscaled to image_size x image_size), images_per_doc (1: image-caption pairs;
+                k: documents interleaving k images with their captions), eval_examples
+                (held-out images captioned greedily at the end of the run; accuracy printed;
+                0 = none)
     model       `Qwen35Config.to_dict()` of a preset: Hugging Face field names, e.g.
                 model.text_config.num_hidden_layers, ...full_attention_interval,
                 ...num_experts, ...mtp_num_hidden_layers; runtime fields compute_dtype,
@@ -58,7 +61,7 @@ import qwen35_jax
 
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "wsd")
-MULTIMODAL_KINDS = ("digits",)
+MULTIMODAL_KINDS = ("digits", "image_jsonl")
 DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord", *MULTIMODAL_KINDS)
 TOKENIZERS = ("sentencepiece", "hf")
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
@@ -307,7 +310,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         _fail("mesh", dict(zip(MESH_AXES, sizes, strict=True)), "may have at most one -1 axis")
     if config.data.kind in MULTIMODAL_KINDS:
         _multimodal_checks(config)
-    elif config.data.kind != "stdlib" and not config.data.path:
+    if config.data.kind not in ("stdlib", "digits") and not config.data.path:
         _fail("data.path", config.data.path, f"must be set for data.kind={config.data.kind!r}")
     if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init.from_hf:
         _fail("data.tokenizer_path", "", "must be set for data.tokenizer='hf'")

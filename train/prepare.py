@@ -10,10 +10,12 @@ token count and the unigram entropy H = -sum_v p_v ln p_v (nats/token, eos inclu
 separator the model predicts) of up to `_STATS_TOKENS` training tokens. A model that learns only
 token frequencies reaches a loss of H; the loss of a model that uses context falls below it.
 
-Multimodal kinds (`data.kind="digits"`): the source is a document source (data/digits.py), the
-tokenizer its fixed word list (`WordTokenizer`), and the statistics count documents, images,
-patches and tokens, with H over the tokens that are targets (loss_mask 1: text and eos). A
-run whose documents fit no empty row (seq_len, patch or image budget) stops here, naming the keys.
+Multimodal kinds: the source is a document source, `data.kind="digits"` (data/digits.py, with
+its fixed word list, `WordTokenizer`) or `"image_jsonl"` (data/image_text.py: JSON-lines
+image-text documents; the tokenizer as above, a sentencepiece model trained on the text parts).
+The statistics count documents, images, patches and tokens, with H over the tokens that are
+targets (loss_mask 1: text and eos). A run whose documents fit no empty row (seq_len, patch or
+image budget) stops here, naming the keys.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from jax.experimental import multihost_utils
 
 from train import config_schema
 from train.data import digits
+from train.data.image_text import ImageTextJsonl, document_text
 from train.data.multimodal import EncodeExample, VisualSpec
-from train.data.sources import decode_record, open_source
+from train.data.sources import decode_record, list_files, open_source
 from train.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from train.tokenizer import train_sentencepiece
 
@@ -58,6 +61,13 @@ def _texts(source: Any, decode: Any):
         text = decode(source[i])
         if text is not None:
             yield text
+
+
+def _tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
+    """The checkpoint whose tokenizer.json to use: init.from_hf, or a converted from_checkpoint."""
+    ckpt = config.init.from_checkpoint
+    side = ckpt if ckpt and os.path.isfile(os.path.join(ckpt, "tokenizer.json")) else None
+    return config.init.from_hf or side
 
 
 def _tokenizer(
@@ -151,8 +161,15 @@ def _multimodal_stats(source: Any, encode: EncodeExample) -> dict[str, Any]:
 
 def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
     data = config.data
-    source = digits.DigitsSource("train", data.image_size, data.images_per_doc)
-    tokenizer = WordTokenizer(digits.WORDS)
+    if data.kind == "digits":
+        source = digits.DigitsSource("train", data.image_size, data.images_per_doc)
+        tokenizer = WordTokenizer(digits.WORDS)
+    else:  # image_jsonl
+        files = list_files(data.path)
+        if not files:
+            raise FileNotFoundError(f"data.path={data.path!r} matches no files")
+        source = ImageTextJsonl(files)
+        tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, document_text)
     spec = VisualSpec.of(config_schema.model_config(config))
     if tokenizer.vocab_size > min(spec.special_ids):
         raise config_schema.ConfigValueError(
@@ -184,9 +201,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
         return _prepare_multimodal(config, workdir)
     source = open_source(data.kind, data.path, max_bytes=data.max_bytes)
     decode = partial(decode_record, record_format=_record_format(data), text_key=data.text_key)
-    ckpt = config.init.from_checkpoint
-    side = ckpt if ckpt and os.path.isfile(os.path.join(ckpt, "tokenizer.json")) else None
-    tokenizer = _tokenizer(data, workdir, config.init.from_hf or side, source, decode)
+    tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, decode)
     stats_path = os.path.join(workdir, "data_stats.json")
     if os.path.exists(stats_path):
         with open(stats_path) as f:

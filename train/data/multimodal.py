@@ -1,8 +1,9 @@
 """The grain multimodal pipeline: image-text documents -> packed rows with a fixed patch budget.
 
 A record is a document {"parts": [part, ...]}, each part a text (str) or an image (uint8
-[H, W, 3]): an image-caption pair is [image, caption]; an interleaved document alternates
-texts and images in reading order. `EncodeExample` turns one document into
+[H, W, 3], or an `image_text.ImageFile`, decoded here): an image-caption pair is [image, caption];
+an interleaved document alternates texts and images in reading order. `EncodeExample` turns one
+document into
 
     tokens     int32 [L]        text ids; each image becomes vision_start, n image placeholders
                                 (n = t*h*w / merge^2 of its grid), vision_end; eos at the end
@@ -45,6 +46,7 @@ from grain.experimental import FirstFitPackIterDataset
 
 from qwen35_jax import Qwen35Config
 from qwen35_jax.processor import process_images
+from train.data.image_text import ImageFile
 from train.data.pipeline import example_stream
 from train.data.tokenizers import Tokenizer
 
@@ -102,7 +104,7 @@ def encode_document(
 ) -> dict[str, np.ndarray]:
     """One document's tokens, loss_mask, pixels, grids (module docstring); raises if unusable.
     `add_eos=False` leaves the document open (a prompt to complete)."""
-    images = [p for p in parts if not isinstance(p, str)]
+    images = [p.load() if isinstance(p, ImageFile) else p for p in parts if not isinstance(p, str)]
     tokens: list[int] = []
     mask: list[int] = []
     pixels_PF = np.zeros((0, spec.patch_dim), np.float32)

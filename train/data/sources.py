@@ -80,6 +80,10 @@ class JsonlSource:
     def __len__(self) -> int:
         return len(self._file_N)
 
+    def file_index(self, index: int) -> int:
+        """Which of `files` holds line `index`."""
+        return int(self._file_N[index])
+
     def __getitem__(self, index: int) -> bytes | None:
         try:
             with open(self.files[self._file_N[index]], "rb") as f:
