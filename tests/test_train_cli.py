@@ -82,6 +82,14 @@ def test_bad_override_is_refused_naming_the_key(tmp_path, env, override, names):
     assert time.perf_counter() - t0 < 60
 
 
+def test_object_store_workdir_is_refused_before_any_work(env):
+    r = cli("gs://bucket/run", env=env)
+    assert r.returncode != 0
+    assert "--workdir='gs://bucket/run'" in r.stderr and "gcsfuse" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not os.path.exists(os.path.join(ROOT, "gs:")), "no local 'gs:' directory"
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, env):
     workdir = tmp_path_factory.mktemp("straight")

@@ -71,6 +71,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    if "://" in _WORKDIR.value:
+        sys.exit(
+            f"error: --workdir={_WORKDIR.value!r}: object-store URLs are not supported (config, "
+            "metrics, data statistics and the tokenizer are written with local file APIs; this "
+            f"would create a local directory {_WORKDIR.value.split('://')[0] + ':'!r} on every "
+            "host). Use a path every host shares: a gcsfuse mount of the bucket (e.g. "
+            "/gcs/BUCKET/run), Filestore or NFS."
+        )
     # Everything is validated before JAX does any work.
     from train import config_schema  # noqa: PLC0415
 
