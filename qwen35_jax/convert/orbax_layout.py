@@ -38,12 +38,14 @@ Path = tuple[str, ...]
 
 
 def get_leaf(tree: dict, path: Path) -> Any:
+    """`tree[path[0]][path[1]]...`."""
     for name in path:
         tree = tree[name]
     return tree
 
 
 def set_leaf(tree: dict, path: Path, value: Any) -> None:
+    """Sets `tree[path[0]]...[path[-1]] = value`, creating the intermediate dicts."""
     for name in path[:-1]:
         tree = tree.setdefault(name, {})
     tree[path[-1]] = value
@@ -86,8 +88,8 @@ def leaf_store(
     n_index: int,
     create: bool,
     shard: tuple[int, ...] | None = None,
-):
-    """A tensorstore zarr array at the place orbax (no OCDBT) keeps leaf `path`.
+) -> Any:
+    """A tensorstore zarr array (`ts.TensorStore`) at the place orbax (no OCDBT) keeps leaf `path`.
 
     Chunks are one entry of the stacked (leading) axes, so each Hugging Face tensor fills whole
     chunks (no read-modify-write), split further along the next axis to stay under 64 MiB. With
@@ -161,6 +163,7 @@ def write_orbax_metadata(params_dir: str, paths: list[Path]) -> None:
 
 
 def atomic_dir(out: str) -> str:
+    """A fresh `<out>.tmp-XXXX` beside `out` to write into (refuses an existing `out`)."""
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
@@ -170,6 +173,7 @@ def atomic_dir(out: str) -> str:
 
 
 def finish(tmp: str, out: str) -> None:
+    """Publishes a completed `atomic_dir` as `out` (one rename)."""
     os.rename(tmp, os.path.abspath(out))
 
 
@@ -187,6 +191,7 @@ SIDE_FILES = (
 
 
 def copy_side_files(src: str | os.PathLike, dst: str) -> None:
+    """Copies the `SIDE_FILES` that `src` has into `dst`."""
     for name in SIDE_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
@@ -198,6 +203,7 @@ def is_converted_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def read_meta(ckpt_dir: str) -> dict:
+    """convert.json of a converted checkpoint (CheckpointError if absent or of another format)."""
     path = os.path.join(ckpt_dir, "convert.json")
     if not os.path.exists(path):
         raise CheckpointError(f"{ckpt_dir}: no convert.json: not written by hf-to-orbax")
