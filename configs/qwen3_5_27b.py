@@ -2,7 +2,7 @@
 
     python -m train.main --config=configs/qwen3_5_27b.py \
         --workdir=/mnt/shared/runs/qwen3_5_27b \
-        --config.data.path='gs://BUCKET/data/train-*.array_record' \
+        --config.data.path='/gcs/BUCKET/data/train-*.array_record' \
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-512 (256 chips): fsdp 64 x tensor 4.

@@ -66,6 +66,7 @@ def test_preset_configs_keep_the_released_architecture():
         ("optimizer.b2", 1.0, "optimizer.b2=1.0 must be in [0, 1)"),
         ("mesh.tensor", 0, "mesh.tensor=0 must be a positive size or -1"),
         ("data.kind", "csv", "data.kind='csv' must be one of"),
+        ("data.path", "gs://b/train-*.jsonl", "data.path='gs://b/train-*.jsonl' must be a local"),
     ],
 )
 def test_validation_names_the_key(key, value, message):

@@ -312,6 +312,13 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         _multimodal_checks(config)
     if config.data.kind not in ("stdlib", "digits") and not config.data.path:
         _fail("data.path", config.data.path, f"must be set for data.kind={config.data.kind!r}")
+    if "://" in config.data.path:
+        _fail(
+            "data.path",
+            config.data.path,
+            "must be a local or mounted path: URLs are not read (mount a bucket with gcsfuse, "
+            "e.g. /gcs/BUCKET/data/*.array_record)",
+        )
     if config.data.tokenizer == "hf" and not config.data.tokenizer_path and not config.init.from_hf:
         _fail("data.tokenizer_path", "", "must be set for data.tokenizer='hf'")
     if config.init.from_hf and config.init.from_checkpoint:
