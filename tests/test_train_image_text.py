@@ -89,3 +89,21 @@ def test_image_jsonl_needs_a_path():
     config.data.kind = "image_jsonl"
     with pytest.raises(config_schema.ConfigValueError, match="data.path"):
         config_schema.validate(config)
+
+
+def test_image_text_config_trains_sentencepiece_below_the_vision_ids(corpus, tmp_path):
+    from train import prepare  # noqa: PLC0415
+
+    config = runpy.run_path(os.path.join(ROOT, "configs", "image_text.py"))["get_config"]()
+    config.data.path = str(corpus / "docs.jsonl")
+    config.data.vocab_size = 300  # the model's vocabulary and vision ids follow
+    model = config_schema.validate(config)
+    assert model.text_config.vocab_size == 304
+    ids = (model.vision_start_token_id, model.vision_end_token_id, model.image_token_id)
+    assert ids == (300, 301, 302) and model.video_token_id == 303
+    prepared = prepare.prepare_data(config, str(tmp_path))
+    assert prepared.tokenizer.vocab_size == 300
+    assert os.path.exists(tmp_path / "tokenizer" / "spm.model")
+    assert (prepared.stats["records_skipped"], prepared.stats["images"]) == (3, 14)
+    text = "a green square"
+    assert prepared.tokenizer.decode(prepared.tokenizer.encode(text)) == text
