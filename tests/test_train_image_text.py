@@ -12,6 +12,7 @@ import pytest
 
 from train import config_schema
 from train.data.image_text import ImageFile, ImageTextJsonl, document_text
+from train.data.sources import open_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230)}
@@ -48,7 +49,7 @@ def corpus(tmp_path_factory):
 
 
 def test_source_parses_pairs_interleaved_documents_and_bad_lines(corpus):
-    src = ImageTextJsonl([str(corpus / "docs.jsonl")])
+    src = ImageTextJsonl(open_source("jsonl", str(corpus / "docs.jsonl")))
     assert len(src) == 16  # blank lines are not records
     pair = src[3]["parts"]
     assert pair == [ImageFile(str(corpus / "img" / "3.png")), "a red square"]

@@ -65,8 +65,9 @@ def _model_and_params(config: ml_collections.ConfigDict) -> tuple[qwen35_jax.Qwe
     model_cfg = config_schema.model_config(config)
     runtime = {name: getattr(model_cfg, name) for name in _RUNTIME_FIELDS}
     if config.init.from_hf:
-        _check_fits_host_memory(config.init.from_hf)
-        hf_cfg, params = qwen35_jax.load_hf(config.init.from_hf, jnp.float32)
+        hf_cfg = qwen35_jax.Qwen35Config.from_hf(config.init.from_hf)
+        _check_fits_host_memory(config.init.from_hf, hf_cfg)
+        _, params = qwen35_jax.load_hf(config.init.from_hf, jnp.float32, config=hf_cfg)
         return hf_cfg.replace(**runtime), params
     ckpt = config.init.from_checkpoint
     if ckpt and orbax_io.is_converted_checkpoint(ckpt):
@@ -86,12 +87,11 @@ def available_host_bytes() -> int | None:
     return None
 
 
-def _check_fits_host_memory(hf_dir: str) -> None:
+def _check_fits_host_memory(hf_dir: str, hf_cfg: qwen35_jax.Qwen35Config) -> None:
     """`init.from_hf` reads every weight into this host's memory as float32 (then shards it):
     refuse before reading when that cannot fit, pointing to the streaming converter."""
-    hf_cfg = qwen35_jax.Qwen35Config.from_hf(hf_dir)
     shapes = jax.tree.leaves(qwen35_jax.abstract_params(hf_cfg))
-    need = sum(4 * int(np.prod(getattr(s, "value", s).shape)) for s in shapes)
+    need = sum(4 * int(np.prod(s.shape)) for s in shapes)
     have = available_host_bytes()
     if have is not None and need > 0.8 * have:
         raise config_schema.ConfigValueError(

@@ -37,7 +37,7 @@ from train import config_schema
 from train.data import digits
 from train.data.image_text import ImageTextJsonl, document_text
 from train.data.multimodal import EncodeExample, VisualSpec
-from train.data.sources import decode_record, list_files, open_source
+from train.data.sources import decode_record, open_source
 from train.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from train.tokenizer import train_sentencepiece
 
@@ -165,10 +165,7 @@ def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> Prep
         source = digits.DigitsSource("train", data.image_size, data.images_per_doc)
         tokenizer = WordTokenizer(digits.WORDS)
     else:  # image_jsonl
-        files = list_files(data.path)
-        if not files:
-            raise FileNotFoundError(f"data.path={data.path!r} matches no files")
-        source = ImageTextJsonl(files)
+        source = ImageTextJsonl(open_source("jsonl", data.path))
         tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, document_text)
     spec = VisualSpec.of(config_schema.model_config(config))
     if tokenizer.vocab_size > min(spec.special_ids):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +66,11 @@ def document_text(record: dict[str, list[Any]]) -> str | None:
 
 
 class ImageTextJsonl:
-    """Random-access source of image-text documents (grain `RandomAccessDataSource`)."""
+    """Random-access source of image-text documents (grain `RandomAccessDataSource`) over the
+    lines of a `JsonlSource` (`sources.open_source("jsonl", data.path)`)."""
 
-    def __init__(self, files: Sequence[str]):
-        self._lines = JsonlSource(files)
+    def __init__(self, lines: JsonlSource):
+        self._lines = lines
         self._dirs = [os.path.dirname(os.path.abspath(f)) for f in self._lines.files]
 
     def __len__(self) -> int:
