@@ -56,7 +56,7 @@ def shrink_for_smoke(c) -> None:
     """The tiny CPU model of configs/tiny_cpu.py (dense variant, MTP) in the preset's recipe."""
     tiny = load_config(str(ROOT / "configs" / "tiny_cpu.py"), "dense")
     c.model.text_config = tiny.model.text_config
-    c.model.gdn_chunk_size = tiny.model.gdn_chunk_size
+    c.runtime.gdn_chunk_size = tiny.runtime.gdn_chunk_size
 
 
 def packed_batch(batch: int, seq: int, doc_len: int, vocab: int, seed: int = 0) -> dict:
@@ -77,13 +77,14 @@ def measure(args: argparse.Namespace) -> dict:
     c.train.batch_size = args.batch
     c.train.seq_len = args.seq
     if args.remat is not None:
-        c.model.remat_policy = args.remat
+        c.runtime.remat_policy = args.remat
     if args.chunk is not None:
-        c.model.gdn_chunk_size = args.chunk
+        c.runtime.gdn_chunk_size = args.chunk
     model_cfg = config_schema.model_config(c)
+    runtime = config_schema.runtime_config(c)
     mesh = sharding.mesh_from_config(c.mesh)
     tx, schedule = make_optimizer(c.optimizer, args.steps + args.warmup)
-    abstract, state_shardings = abstract_state(model_cfg, tx, mesh)
+    abstract, state_shardings = abstract_state(model_cfg, tx, mesh, runtime=runtime)
 
     host = packed_batch(
         args.batch, args.seq, args.doc_len or args.seq, model_cfg.text_config.vocab_size
@@ -91,11 +92,15 @@ def measure(args: argparse.Namespace) -> dict:
     shapes = {k: v.shape for k, v in host.items()}
     in_shardings = batch_shardings(mesh, shapes)
     batch = {k: jax.device_put(v, in_shardings[k]) for k, v in host.items()}
-    state = abstract if args.compile_only else init_state(model_cfg, tx, mesh, jax.random.key(0))
+    state = (
+        abstract
+        if args.compile_only
+        else init_state(model_cfg, tx, mesh, jax.random.key(0), runtime=runtime)
+    )
     with jax.set_mesh(mesh), sharding.axis_rules():
         t0 = time.perf_counter()
         step = jax.jit(
-            make_train_step(model_cfg, tx, schedule, c.train),
+            make_train_step(model_cfg, tx, schedule, c.train, runtime=runtime),
             in_shardings=(state_shardings, in_shardings),
             out_shardings=(state_shardings, None),
             donate_argnums=0,
@@ -123,7 +128,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     text = model_cfg.text_config
     with_mtp = text.mtp_num_hidden_layers > 0 and c.train.mtp_lambda > 0
-    step_flops = flops.train_flops_per_token(model_cfg, args.seq, with_mtp) * args.batch * args.seq
+    per_token = flops.train_flops_per_token(model_cfg, args.seq, with_mtp, runtime=runtime)
+    step_flops = per_token * args.batch * args.seq
     peak = args.peak_tflops * 1e12 if args.peak_tflops else flops.peak_flops_per_device()
     step_s = statistics.median(times)
     n_dev = jax.device_count()
@@ -137,9 +143,9 @@ def measure(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "doc_len": args.doc_len or args.seq,
-        "remat": model_cfg.remat_policy,
-        "chunk": model_cfg.gdn_chunk_size,
-        "dtype": model_cfg.compute_dtype,
+        "remat": runtime.remat_policy,
+        "chunk": runtime.gdn_chunk_size,
+        "dtype": runtime.compute_dtype,
         "compile_s": compile_s,
         "step_s": step_s,
         "tokens_s": args.batch * args.seq / step_s,
@@ -179,8 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--doc_len", type=int, default=0, help="document length (0: one per row)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (2; smoke 1)")
-    ap.add_argument("--remat", default=None, help="override model.remat_policy")
-    ap.add_argument("--chunk", type=int, default=None, help="override model.gdn_chunk_size")
+    ap.add_argument("--remat", default=None, help="override runtime.remat_policy")
+    ap.add_argument("--chunk", type=int, default=None, help="override runtime.gdn_chunk_size")
     ap.add_argument("--peak_tflops", type=float, default=0.0, help="peak per device (0: table)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, for a CPU check")
     ap.add_argument(

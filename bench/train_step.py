@@ -78,7 +78,7 @@ def model_config(moe: bool, layers: int = 4) -> qwen35_jax.Qwen35Config:
             moe_intermediate_size=128,
             shared_expert_intermediate_size=128,
         )
-    return qwen35_jax.Qwen35Config(text_config=text, gdn_chunk_size=64)
+    return qwen35_jax.Qwen35Config(text_config=text)  # the default runtime: GDN chunk 64
 
 
 def train_config():

@@ -32,7 +32,7 @@ def get_config():
     t.shared_expert_intermediate_size = 128
     t.mtp_num_hidden_layers = 1
     t.tie_word_embeddings = True
-    c.model.gdn_chunk_size = 32
+    c.runtime.gdn_chunk_size = 32
 
     c.train.steps = 600
     c.train.batch_size = 8

@@ -46,7 +46,7 @@ def get_config():
     v.temporal_patch_size = 2
     v.spatial_merge_size = 2
     v.num_position_embeddings = 16
-    c.model.gdn_chunk_size = 32
+    c.runtime.gdn_chunk_size = 32
 
     c.train.steps = 300
     c.train.batch_size = 8

@@ -49,7 +49,7 @@ def get_config():
     v.temporal_patch_size = 2
     v.spatial_merge_size = 2
     v.num_position_embeddings = 256
-    c.model.gdn_chunk_size = 32
+    c.runtime.gdn_chunk_size = 32
 
     c.train.steps = 1000
     c.train.batch_size = 8

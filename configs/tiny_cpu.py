@@ -33,7 +33,7 @@ def get_config(variant: str = "moe"):
         t.moe_intermediate_size = 32
         t.shared_expert_intermediate_size = 32
     t.mtp_num_hidden_layers = 1
-    c.model.gdn_chunk_size = 16
+    c.runtime.gdn_chunk_size = 16
 
     c.train.steps = 20
     c.train.batch_size = 4

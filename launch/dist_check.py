@@ -33,7 +33,10 @@ def tiny_config() -> q.Qwen35Config:
     text = dataclasses.replace(
         cfg.text_config, num_hidden_layers=2, full_attention_interval=2, mtp_num_hidden_layers=0
     )
-    return cfg.replace(text_config=text, gdn_chunk_size=8)
+    return cfg.replace(text_config=text)
+
+
+RUNTIME = q.Runtime(gdn_chunk_size=8)
 
 
 def batch_rows(step: int, rows: slice, seq_len: int, vocab: int) -> np.ndarray:
@@ -58,12 +61,12 @@ def main() -> None:
     distributed = sharding.initialize_distributed()
     cfg = tiny_config()
     mesh = sharding.mesh_from_config(sharding.parse_mesh(args.mesh))
-    param_sh = sharding.logical_to_mesh_sharding(q.abstract_params(cfg), mesh)
+    param_sh = sharding.logical_to_mesh_sharding(q.abstract_params(cfg, runtime=RUNTIME), mesh)
     batch_sh = sharding.batch_sharding(mesh, args.batch)
     rows = sharding.process_batch_slice(mesh, args.batch)
 
     def loss_fn(params, ids_BT):
-        logits = q.apply(cfg, params, ids_BT).logits
+        logits = q.apply(cfg, params, ids_BT, runtime=RUNTIME).logits
         logp = jax.nn.log_softmax(logits[:, :-1])
         nll = -jnp.take_along_axis(logp, ids_BT[:, 1:, None], axis=-1)
         return jnp.mean(nll)
@@ -73,7 +76,7 @@ def main() -> None:
         return jax.tree.map(lambda p, g: p - args.lr * g, params, grads), loss
 
     with sharding.use_mesh(mesh):
-        init = jax.jit(lambda k: q.init_params(cfg, k), out_shardings=param_sh)
+        init = jax.jit(lambda k: q.init_params(cfg, k, runtime=RUNTIME), out_shardings=param_sh)
         params = init(jax.random.key(0))
         train_step = jax.jit(
             step,

@@ -123,7 +123,12 @@ def parameter_bytes(abstract, sizes) -> tuple[int, int, int]:
 
 def _residuals(c, kind, policy, batch, length, chunk, dtype, pdtype):
     """[(bytes, last_dim, source)] that one layer saves for backward (params and ctx excluded)."""
-    layer = decoder.layer_class(policy)(c, kind, chunk, dtype, pdtype)
+    runtime = q.Runtime(
+        compute_dtype=jnp.dtype(dtype).name,
+        param_dtype=jnp.dtype(pdtype).name,
+        gdn_chunk_size=chunk,
+    )
+    layer = decoder.layer_class(policy)(c, kind, runtime)
     rotary = int(c.head_dim * c.rope_parameters.partial_rotary_factor)
     x = jax.ShapeDtypeStruct((batch, length, c.hidden_size), dtype)
 
@@ -200,8 +205,11 @@ def plan(
     mtp: bool = True,
     name: str = "model",
     loss_chunk: int = 1024,
+    runtime: q.Runtime | None = None,
 ) -> Plan:
-    """The per-device memory plan (see the module doc)."""
+    """The per-device memory plan (see the module doc); dtypes, remat policy and GDN chunk
+    from `runtime` (None: the defaults)."""
+    runtime = runtime or q.Runtime()
     c = config.text_config
     hbm, chip_name = CHIPS[chip]
     ici = {a: v for a, v in mesh.items() if not a.startswith("dcn_")}
@@ -211,10 +219,10 @@ def plan(
     sizes = {a: sizes[a] * dcn.get(a, 1) for a in sharding.MESH_AXES}
     if math.prod(sizes.values()) != chips:
         raise ValueError(f"mesh {sizes} does not use {chips} chips")
-    dtype, pdtype = jnp.dtype(config.compute_dtype), jnp.dtype(config.param_dtype)
-    policy = config.remat_policy
+    dtype, pdtype = runtime.dtype, runtime.weights_dtype
+    policy = runtime.remat_policy
 
-    abstract = q.abstract_params(config)
+    abstract = q.abstract_params(config, runtime=runtime)
     n_total, n_local, p_bytes = parameter_bytes(abstract, sizes)
     (batch_entry,) = sharding.logical_spec(("batch",), (global_batch,), sizes) or (None,)
     batch_axes = () if batch_entry is None else np.atleast_1d(batch_entry).tolist()
@@ -239,7 +247,7 @@ def plan(
     for kind, count in kinds.items():
         if not count:
             continue
-        args = (b_local, t_local, tensor, config.gdn_chunk_size, dtype, pdtype, model_shards)
+        args = (b_local, t_local, tensor, runtime.gdn_chunk_size, dtype, pdtype, model_shards)
         kept, src = layer_activation_bytes(c, kind, policy, *args)
         saved += count * kept
         detail.append(f"{count} {label[kind]} x {kept / GiB:.2f}")
@@ -348,9 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         kw["remat_policy"] = args.remat
     if args.param_dtype:
         kw["param_dtype"] = args.param_dtype
+    runtime = q.Runtime(**kw)
     if args.text_only:
-        kw["vision_config"] = None
-    config = config.replace(**kw)
+        config = config.replace(vision_config=None)
     try:
         mesh = sharding.parse_mesh(args.mesh)
         result = plan(
@@ -364,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_mtp,
             args.model,
             args.loss_chunk,
+            runtime,
         )
     except ValueError as e:
         print(f"plan: {e}", file=sys.stderr)

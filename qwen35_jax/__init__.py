@@ -2,6 +2,9 @@
 
 Public API (stable; later modules and the tests use exactly these names):
     get_config(name) -> Qwen35Config                   presets: PRESETS
+    Runtime(compute_dtype=..., remat_policy=..., ...)  how to run (dtypes, remat, kernel
+                                                       sizes, MoE dispatch); every model function
+                                                       takes runtime=... (None: the defaults)
     init_params(config, rng) -> params                 a plain nested dict of arrays
     load_hf(path, dtype=jnp.float32) -> (config, params)
     forward(config, params, input_ids, *, attention_mask=None, segment_ids=None,
@@ -42,6 +45,7 @@ from qwen35_jax.model import (
 from qwen35_jax.positions import rope_index
 from qwen35_jax.presets import PRESETS, get_config
 from qwen35_jax.processor import expand_placeholders, process_images, process_videos
+from qwen35_jax.runtime import Runtime
 
 __all__ = [
     "PRESETS",
@@ -49,6 +53,7 @@ __all__ = [
     "ConfigError",
     "ModelOutput",
     "Qwen35Config",
+    "Runtime",
     "TextConfig",
     "VisionConfig",
     "abstract_params",

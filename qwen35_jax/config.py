@@ -305,15 +305,14 @@ class VisionConfig:
             )
 
 
-_DTYPES = ("float32", "bfloat16")
-_REMAT = ("none", "full", "dots", "dots_no_batch")
-_MOE_DISPATCH = ("auto", "local", "all_to_all")
 _TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
 class Qwen35Config:
-    """A whole model: text config, optional vision config, token ids and runtime settings."""
+    """A whole model (the architecture only): text config, optional vision config, token ids.
+
+    How it runs (dtypes, remat, kernel sizes, MoE dispatch) is `runtime.Runtime`."""
 
     text_config: TextConfig = TextConfig()
     vision_config: VisionConfig | None = None
@@ -321,35 +320,11 @@ class Qwen35Config:
     video_token_id: int = 248057
     vision_start_token_id: int = 248053
     vision_end_token_id: int = 248054
-    compute_dtype: str = "float32"  # "float32" | "bfloat16"
-    param_dtype: str = "float32"
-    remat_policy: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
-    gdn_chunk_size: int = 64
-    moe_dispatch: str = "auto"  # "auto" | "local" | "all_to_all" (layers/moe_dispatch.py)
-    moe_capacity_factor: float = 0.0  # 0 = dropless; else static per-device buffers
     extra: tuple[tuple[str, str], ...] = ()  # unmodelled HF keys: (dotted key, JSON string)
 
     def __post_init__(self) -> None:
         _normalise(self, "")
         _nonneg(self, "", _TOKEN_IDS)
-        for name in ("compute_dtype", "param_dtype"):
-            _check(
-                getattr(self, name) in _DTYPES,
-                f"{name}={getattr(self, name)!r} must be one of {_DTYPES}",
-            )
-        _check(
-            self.remat_policy in _REMAT,
-            f"remat_policy={self.remat_policy!r} must be one of {_REMAT}",
-        )
-        _check(self.gdn_chunk_size >= 1, f"gdn_chunk_size={self.gdn_chunk_size} must be >= 1")
-        _check(
-            self.moe_dispatch in _MOE_DISPATCH,
-            f"moe_dispatch={self.moe_dispatch!r} must be one of {_MOE_DISPATCH}",
-        )
-        _check(
-            self.moe_capacity_factor >= 0,
-            f"moe_capacity_factor={self.moe_capacity_factor} must be >= 0 (0 = dropless)",
-        )
         v, d = self.vision_config, self.text_config.hidden_size
         _check(
             v is None or v.out_hidden_size == d,
@@ -401,7 +376,7 @@ class Qwen35Config:
         return hf_config.from_hf(source)
 
     def to_hf(self) -> dict[str, Any]:
-        """A config.json dict that transformers loads (runtime fields dropped)."""
+        """A config.json dict that transformers loads."""
         from qwen35_jax import hf_config
 
         return hf_config.to_hf(self)

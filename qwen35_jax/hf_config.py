@@ -15,9 +15,8 @@ Field map (ours -> Hugging Face ``config.json``; most names are identical):
 * ``VisionConfig`` -> ``vision_config`` (``None`` for text-only models).
 * ``Qwen35Config`` top level: the four vision token ids; ``tie_word_embeddings`` lives on the text
   config here and is written at both levels (when read, the top-level value wins).
-* Runtime fields (``compute_dtype``, ``param_dtype``, ``remat_policy``, ``gdn_chunk_size``,
-  ``moe_dispatch``, ``moe_capacity_factor``) are
-  ours only: ``to_hf`` drops them and ``from_hf`` leaves their defaults.
+* Runtime settings (dtypes, remat, kernel sizes, MoE dispatch) are not part of the config:
+  they are `runtime.Runtime`, given to the model functions separately.
 * ``extra``: HF keys we do not model (``dtype``, ``mamba_ssm_dtype``, ``attn_output_gate``,
   ``initializer_range``, ...), kept as sorted ``(dotted key, JSON string)`` pairs so that
   ``to_hf(from_hf(d))`` keeps them. Keys are ``name`` (top level), ``text_config.name``,
@@ -98,7 +97,7 @@ def from_hf(source: dict[str, Any] | str | os.PathLike[str]) -> Qwen35Config:
 
 
 def to_hf(config: Qwen35Config) -> dict[str, Any]:
-    """A config.json dict that transformers loads (runtime fields dropped)."""
+    """A config.json dict that transformers loads."""
     t, moe = config.text_config, config.text_config.is_moe
     family = "qwen3_5_moe" if moe else "qwen3_5"
     arch = "Qwen3_5MoeFor" if moe else "Qwen3_5For"

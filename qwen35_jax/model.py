@@ -40,7 +40,6 @@ from qwen35_jax.fusion import (
     scatter_visual,
     vision_inputs,
 )
-from qwen35_jax.layers import moe_dispatch
 from qwen35_jax.layers.attention import attention_mask
 from qwen35_jax.layers.decoder import (
     LINEAR,
@@ -53,6 +52,7 @@ from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import rotary_cos_sin
 from qwen35_jax.mtp import MTPHead
 from qwen35_jax.positions import rope_index
+from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.vision import VisionTower, vision_rope_theta
 
 
@@ -82,6 +82,7 @@ def document_positions(segment_ids_BT: jax.Array) -> jax.Array:
 
 class Qwen35TextModel(nn.Module):
     config: Qwen35Config
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(
@@ -93,10 +94,9 @@ class Qwen35TextModel(nn.Module):
         return_mtp: bool = False,
         vision: VisionInputs | None = None,
     ) -> ModelOutput:
-        cfg = self.config
+        cfg, rt = self.config, self.runtime
         c = cfg.text_config
-        dtype, param_dtype = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        dtype, param_dtype = rt.dtype, rt.weights_dtype
 
         embed_VD = self.param(
             "embed_tokens",
@@ -106,9 +106,7 @@ class Qwen35TextModel(nn.Module):
         )
         x_BTD = jnp.take(embed_VD, input_ids_BT, axis=0).astype(dtype)
         if cfg.vision_config is not None and (vision is not None or self.is_initializing()):
-            tower = VisionTower(
-                cfg.vision_config, vision_rope_theta(cfg), cfg.remat_policy, **kw, name="visual"
-            )
+            tower = VisionTower(cfg.vision_config, vision_rope_theta(cfg), rt, name="visual")
             if vision is None:  # init: build the tower's parameters on one dummy image
                 vision = dummy_vision(cfg)
             merged_MD = tower(vision.pixels_PF.astype(dtype), vision.layout)
@@ -128,15 +126,11 @@ class Qwen35TextModel(nn.Module):
         stats = []
         if c.num_blocks:
             blocks = scanned_layers(Block, c.num_blocks, "layers")
-            x_BTD, block_stats = blocks(
-                c, cfg.remat_policy, cfg.gdn_chunk_size, **kw, name="blocks"
-            )(x_BTD, ctx)
+            x_BTD, block_stats = blocks(c, rt, name="blocks")(x_BTD, ctx)
             stats.append(block_stats)
         if c.num_tail_layers:
-            tail = scanned_layers(layer_class(cfg.remat_policy), c.num_tail_layers, "layers")
-            x_BTD, tail_stats = tail(c, LINEAR, cfg.gdn_chunk_size, **kw, name="tail_layers")(
-                x_BTD, ctx
-            )
+            tail = scanned_layers(layer_class(rt.remat_policy), c.num_tail_layers, "layers")
+            x_BTD, tail_stats = tail(c, LINEAR, rt, name="tail_layers")(x_BTD, ctx)
             stats.append({"tail": tail_stats})
         hidden_BTD = RMSNorm(c.rms_norm_eps, param_dtype, name="norm")(x_BTD)
 
@@ -167,7 +161,7 @@ class Qwen35TextModel(nn.Module):
                 [input_ids_BT[:, 1:], jnp.zeros_like(input_ids_BT[:, :1])], axis=1
             )
             next_embed_BTD = jnp.take(embed_VD, next_ids_BT, axis=0).astype(dtype)
-            mtp_hidden_BTD, _ = MTPHead(c, **kw, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
+            mtp_hidden_BTD, _ = MTPHead(c, rt, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
             mtp_logits = logits_of(mtp_hidden_BTD) if return_logits else None
         return ModelOutput(logits, hidden_BTD, aux_loss, expert_load, mtp_logits, mtp_hidden_BTD)
 
@@ -200,8 +194,8 @@ def _moe_statistics(c, stats: list[dict]) -> tuple[jax.Array, jax.Array | None]:
 # ----------------------------------------------------------------------------- functional API
 
 
-def _model(config: Qwen35Config) -> Qwen35TextModel:
-    return Qwen35TextModel(config)
+def _model(config: Qwen35Config, runtime: Runtime | None) -> Qwen35TextModel:
+    return Qwen35TextModel(config, resolve(runtime))
 
 
 def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -209,7 +203,7 @@ def _dummy_inputs() -> tuple[jax.Array, jax.Array, jax.Array]:
     return ids_BT, jnp.ones_like(ids_BT), jnp.broadcast_to(jnp.arange(8), (1, 8))
 
 
-def abstract_params(config: Qwen35Config):
+def abstract_params(config: Qwen35Config, *, runtime: Runtime | None = None):
     """Shapes and dtypes of the parameters as `nn.Partitioned` boxes (logical axis names).
 
     No FLOPs and no memory: `jax.eval_shape` of init. Feed it to
@@ -217,19 +211,19 @@ def abstract_params(config: Qwen35Config):
     """
     ids, seg, pos = _dummy_inputs()
     variables = jax.eval_shape(
-        lambda rng: _model(config).init(rng, ids, seg, pos, return_logits=False),
+        lambda rng: _model(config, runtime).init(rng, ids, seg, pos, return_logits=False),
         jax.random.key(0),
     )
     return variables["params"]
 
 
-def init_params(config: Qwen35Config, rng: jax.Array) -> dict:
-    """Random parameters: a plain nested dict of arrays (float32 unless `param_dtype` says)."""
+def init_params(config: Qwen35Config, rng: jax.Array, *, runtime: Runtime | None = None) -> dict:
+    """Random parameters: a plain nested dict of arrays (`runtime.param_dtype`, float32)."""
     ids, seg, pos = _dummy_inputs()
 
     @jax.jit
     def init(rng):
-        variables = _model(config).init(rng, ids, seg, pos, return_logits=False)
+        variables = _model(config, runtime).init(rng, ids, seg, pos, return_logits=False)
         return nn.meta.unbox(variables["params"])
 
     return init(rng)
@@ -249,6 +243,7 @@ def apply(
     image_grid_thw: jax.Array | None = None,
     pixel_values_videos: jax.Array | None = None,
     video_grid_thw: jax.Array | None = None,
+    runtime: Runtime | None = None,
 ) -> ModelOutput:
     """The full model: logits, final hidden states, MoE aux loss and expert load, MTP logits.
 
@@ -264,6 +259,7 @@ def apply(
     (row b's placeholders take row b's patches; see `fusion.py`).
     return_logits=False skips both heads' [B, T, V] logits (hidden and mtp_hidden are still
     returned): a loss can then project chunks of tokens itself with `lm_head_weights`.
+    runtime: how to run (dtypes, remat, kernel sizes, MoE dispatch); None = `Runtime()`.
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
@@ -303,17 +299,15 @@ def apply(
             f"positions must be [B, T] or [3, B, T] with [B, T] = {input_ids.shape}, "
             f"got {positions.shape}"
         )
-    dispatch = moe_dispatch.options(config.moe_dispatch, config.moe_capacity_factor or None)
-    with dispatch:
-        return _model(config).apply(
-            {"params": params},
-            input_ids,
-            segment_ids_BT,
-            positions,
-            return_logits=return_logits,
-            return_mtp=return_mtp,
-            vision=vision,
-        )
+    return _model(config, runtime).apply(
+        {"params": params},
+        input_ids,
+        segment_ids_BT,
+        positions,
+        return_logits=return_logits,
+        return_mtp=return_mtp,
+        vision=vision,
+    )
 
 
 def lm_head_weights(config: Qwen35Config, params: dict) -> jax.Array:
@@ -335,6 +329,7 @@ def forward(
     image_grid_thw: jax.Array | None = None,
     pixel_values_videos: jax.Array | None = None,
     video_grid_thw: jax.Array | None = None,
+    runtime: Runtime | None = None,
 ) -> jax.Array:
     """Logits [B, T, vocab] (float32). See `apply` for the arguments."""
     return apply(
@@ -348,4 +343,5 @@ def forward(
         image_grid_thw=image_grid_thw,
         pixel_values_videos=pixel_values_videos,
         video_grid_thw=video_grid_thw,
+        runtime=runtime,
     ).logits

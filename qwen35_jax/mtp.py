@@ -21,12 +21,13 @@ from flax import linen as nn
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.decoder import FULL, DecoderLayer, LayerContext
 from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.runtime import Runtime
 
 
-class MTPHead(nn.Module):
+class MTPHead(RuntimeDtypes, nn.Module):
     config: TextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(
@@ -45,9 +46,7 @@ class MTPHead(nn.Module):
         x_BTD = jnp.concatenate([e_BTD, h_BTD], axis=-1).astype(self.dtype) @ fc.astype(self.dtype)
         stats = []
         for i in range(c.mtp_num_hidden_layers):
-            layer = DecoderLayer(
-                c, FULL, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}"
-            )
+            layer = DecoderLayer(c, FULL, self.runtime, name=f"layers_{i}")
             x_BTD, layer_stats = layer(x_BTD, ctx)
             stats.append(layer_stats)
         return RMSNorm(eps, self.param_dtype, name="norm")(x_BTD), stats

@@ -53,6 +53,8 @@ from flax import linen as nn
 from qwen35_jax.config import Qwen35Config, VisionConfig
 from qwen35_jax.layers.decoder import REMAT_POLICIES
 from qwen35_jax.layers.rotary import apply_rotary
+from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.runtime import Runtime
 
 KERNEL_INIT = nn.initializers.normal(0.02)
 DEFAULT_ROPE_THETA = 10_000.0
@@ -273,14 +275,12 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"vision_config.hidden_act={name!r} is not supported")
 
 
-class VisionTower(nn.Module):
+class VisionTower(RuntimeDtypes, nn.Module):
     """Patches [P, F] of all images and video frames -> merged tokens [P / m^2, D]."""
 
     config: VisionConfig
     rope_theta: float = DEFAULT_ROPE_THETA
-    remat_policy: str = "none"
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, pixels_PF: jax.Array, layout: PatchLayout) -> jax.Array:
@@ -310,8 +310,8 @@ class VisionTower(nn.Module):
         mask_PP = layout.segment_P[:, None] == layout.segment_P[None, :]
         ctx = BlockContext(cos_PH, sin_PH, mask_PP)
         block = VisionBlock
-        if self.remat_policy != "none":
-            block = nn.remat(VisionBlock, policy=REMAT_POLICIES[self.remat_policy])
+        if self.runtime.remat_policy != "none":
+            block = nn.remat(VisionBlock, policy=REMAT_POLICIES[self.runtime.remat_policy])
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},

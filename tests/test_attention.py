@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import qwen35_jax as q
-from qwen35_jax.layers import attention as attention_layer
 from qwen35_jax.layers.attention import GatedAttention, attention_mask, dot_product_attention
 from qwen35_jax.layers.rotary import rotary_cos_sin
 from qwen35_jax.ops.attention import blocked_attention
@@ -75,9 +74,8 @@ def test_padding_queries_average_every_value():
     np.testing.assert_allclose(out_BTNH[pad_b, pad_t], mean_BNH[pad_b], rtol=1e-5, atol=1e-6)
 
 
-def test_layer_blocked_path_equals_dense_path(monkeypatch):
-    monkeypatch.setattr(attention_layer, "BLOCK_Q", 64)  # several blocks at T = 256
-    monkeypatch.setattr(attention_layer, "BLOCK_K", 32)
+def test_layer_blocked_path_equals_dense_path():
+    blocks = dict(attention_block_q=64, attention_block_k=32)  # several blocks at T = 256
     config = q.get_config("tiny").text_config
     t = 256
     seg_BT = jnp.asarray(_segments(t))
@@ -86,8 +84,8 @@ def test_layer_blocked_path_equals_dense_path(monkeypatch):
     rotary_dim = int(config.head_dim * config.rope_parameters.partial_rotary_factor)
     cos_BTR, sin_BTR = rotary_cos_sin(pos_BT, rotary_dim, config.rope_parameters.rope_theta)
     mask = attention_mask(seg_BT)
-    dense = GatedAttention(config, blocked_min_length=1 << 30)
-    blocked = GatedAttention(config, blocked_min_length=64)
+    dense = GatedAttention(config, q.Runtime(attention_blocked_min_length=1 << 30, **blocks))
+    blocked = GatedAttention(config, q.Runtime(attention_blocked_min_length=64, **blocks))
     params = dense.init(jax.random.key(2), x_BTD, cos_BTR, sin_BTR, mask)
     want = jax.jit(dense.apply)(params, x_BTD, cos_BTR, sin_BTR, mask, seg_BT)
     got = jax.jit(blocked.apply)(params, x_BTD, cos_BTR, sin_BTR, mask, seg_BT)
@@ -97,13 +95,13 @@ def test_layer_blocked_path_equals_dense_path(monkeypatch):
 
 
 def test_long_rows_take_the_blocked_path_and_match_transformers(tmp_path):
-    """At T >= BLOCKED_MIN_LENGTH the model's attention layers run the blocked kernel; the
-    logits still equal transformers' (max|diff| / max|ref| <= 1e-4)."""
+    """At T >= runtime.attention_blocked_min_length (1024) the model's attention layers run the
+    blocked kernel; the logits still equal transformers' (max|diff| / max|ref| <= 1e-4)."""
     from tests import hf_oracle
 
     model = hf_oracle.build(num_hidden_layers=2, full_attention_interval=2)
     config, params = q.load_hf(hf_oracle.save(model, tmp_path))
-    t = attention_layer.BLOCKED_MIN_LENGTH
+    t = q.Runtime().attention_blocked_min_length
     ids = np.random.default_rng(0).integers(0, config.text_config.vocab_size, (1, t))
     forward = jax.jit(q.forward, static_argnums=0)
     assert "custom_vjp_call" in str(

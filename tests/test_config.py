@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 import transformers
 
@@ -15,6 +16,7 @@ from qwen35_jax.config import (
     VisionConfig,
 )
 from qwen35_jax.presets import PRESETS, get_config
+from qwen35_jax.runtime import Runtime
 
 REAL = (
     "qwen3.5-0.8b",
@@ -180,16 +182,30 @@ def test_top_and_vision_validation():
         Qwen35Config(vision_config=VisionConfig())
     c = get_config("tiny")
     for kw, match in [
-        (dict(compute_dtype="float16"), "compute_dtype='float16' must be one of"),
-        (dict(remat_policy="some"), "remat_policy='some' must be one of"),
-        (dict(gdn_chunk_size=0), "gdn_chunk_size=0 must be >= 1"),
         (dict(extra=(("a", "{"),)), "extra\\['a'\\]='{' must be a JSON"),
-        (dict(nope=1), "unknown key 'nope'; valid keys: .*remat_policy"),
+        (dict(nope=1), "unknown key 'nope'; valid keys: .*text_config"),
+        (dict(remat_policy="full"), "unknown key 'remat_policy'"),  # a runtime setting
     ]:
         with pytest.raises(ConfigError, match=match):
             c.replace(**kw)
-    r = c.replace(remat_policy="dots", compute_dtype="bfloat16", gdn_chunk_size=48)
-    assert (r.remat_policy, r.gdn_chunk_size, r.text) == ("dots", 48, c.text)
+
+
+def test_runtime_validation():
+    rt = Runtime()
+    for kw, match in [
+        (dict(compute_dtype="float16"), "runtime.compute_dtype='float16' must be one of"),
+        (dict(remat_policy="some"), "runtime.remat_policy='some' must be one of"),
+        (dict(gdn_chunk_size=0), "runtime.gdn_chunk_size=0 must be an int >= 1"),
+        (dict(moe_dispatch="ragged"), "runtime.moe_dispatch='ragged' must be one of"),
+        (dict(moe_capacity_factor=-1.0), "runtime.moe_capacity_factor=-1.0 must be >= 0"),
+        (dict(attention_block_q=0), "runtime.attention_block_q=0 must be an int >= 1"),
+        (dict(nope=1), "unknown key 'runtime.nope'; valid keys: .*remat_policy"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            rt.replace(**kw)
+    r = rt.replace(remat_policy="dots", compute_dtype="bfloat16", gdn_chunk_size=48.0)
+    assert (r.remat_policy, r.gdn_chunk_size, r.dtype) == ("dots", 48, jnp.bfloat16)
+    assert type(r.gdn_chunk_size) is int and hash(r) == hash(Runtime.from_dict(r.to_dict()))
 
 
 def test_normalisation():
@@ -205,7 +221,7 @@ def test_normalisation():
 # ---- our dict form ----
 @pytest.mark.parametrize("name", PRESETS)
 def test_dict_round_trip(name):
-    c = get_config(name).replace(remat_policy="full", extra=(("dtype", '"bfloat16"'),))
+    c = get_config(name).replace(extra=(("dtype", '"bfloat16"'),))
     d = c.to_dict()
     assert Qwen35Config.from_dict(d) == c
     assert Qwen35Config.from_dict(json.loads(json.dumps(d))) == c
@@ -220,7 +236,6 @@ def test_from_dict_partial_and_strict():
                 "rope_parameters": {"rope_theta": 1e4},
             },
             "vision_config": None,
-            "param_dtype": "bfloat16",
         }
     )
     assert c.text.hidden_size == 64 and c.text.rope_parameters.rope_theta == 1e4

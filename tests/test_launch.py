@@ -114,8 +114,11 @@ def test_plan_issue_example_does_not_fit_and_names_terms(capsys):
 
 
 def test_plan_terms_are_consistent():
-    cfg = q.get_config("qwen3.5-397b-a17b").replace(remat_policy="full", compute_dtype="bfloat16")
-    p = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25, loss_chunk=0)
+    cfg = q.get_config("qwen3.5-397b-a17b")
+    rt = q.Runtime(remat_policy="full", compute_dtype="bfloat16")
+    p = planner.plan(
+        cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25, loss_chunk=0, runtime=rt
+    )
     terms = dict(p.terms)
     params = terms["parameters (float32)"]
     n = sum(x.size for x in jax.tree.leaves(q.abstract_params(cfg)))
@@ -127,7 +130,7 @@ def test_plan_terms_are_consistent():
     # one sequence per device; logits [8192, 248320] f32 and their gradient, main + MTP head
     assert terms["logits + gradient, float32 (2 heads)"] == 2 * 2 * 4 * 8192 * 248320
     # chunked cross-entropy (the presets' train.loss_chunk=1024): one chunk of one head
-    chunked = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25)
+    chunked = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25, runtime=rt)
     assert dict(chunked.terms)["logits + gradient, float32 (chunks of 1024)"] == (
         2 * 4 * 1024 * 248320
     )

@@ -90,11 +90,11 @@ def test_remat_gives_the_same_gradients(model):
     config, params = model
     ids = np.random.RandomState(3).randint(0, 512, (2, 24))
 
-    def loss(p, cfg):
-        return jnp.mean(q.forward(cfg, p, ids) ** 2)
+    def loss(p, runtime):
+        return jnp.mean(q.forward(config, p, ids, runtime=runtime) ** 2)
 
-    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, config)
-    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, config.replace(remat_policy="full"))
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(params, q.Runtime())
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, q.Runtime(remat_policy="full"))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -123,9 +123,9 @@ def test_apply_outputs(model):
 def test_bfloat16_compute_is_close(model):
     config, params = model
     ids = np.random.RandomState(5).randint(0, 512, (1, 40))
-    fwd = jax.jit(q.forward, static_argnums=0)
+    fwd = jax.jit(q.forward, static_argnums=0, static_argnames="runtime")
     ref = np.asarray(fwd(config, params, ids))
-    bf = np.asarray(fwd(config.replace(compute_dtype="bfloat16"), params, ids))
+    bf = np.asarray(fwd(config, params, ids, runtime=q.Runtime(compute_dtype="bfloat16")))
     assert np.isfinite(bf).all()
     assert np.max(np.abs(bf - ref)) / np.max(np.abs(ref)) < 0.1
 

@@ -147,31 +147,24 @@ def test_auto_mode_picks_the_path(data):
         assert _uses_all_to_all(lambda *a: _ep(*a, mode="auto")[0], x, weights, experts, *w)
 
 
-def test_module_options_and_errors():
+def test_mode_errors():
     with pytest.raises(ValueError, match="mode"):
-        moe_dispatch.DispatchOptions("ragged")
-    with pytest.raises(ValueError, match="capacity_factor"):
-        moe_dispatch.DispatchOptions("auto", -1.0)
+        moe_dispatch.resolve_mode("ragged", B, T, (E, D, F), (E, F, D))
     with pytest.raises(ValueError, match="needs a mesh"):
         moe_dispatch.resolve_mode("all_to_all", B, T, (E, D, F), (E, F, D))
-    assert moe_dispatch.current_options() == moe_dispatch.DispatchOptions()
-    with moe_dispatch.options("local", 1.5):
-        assert moe_dispatch.current_options() == moe_dispatch.DispatchOptions("local", 1.5)
-    assert moe_dispatch.current_options().mode == "auto"
 
 
-def test_moe_module_reads_the_options():
-    """The MoE layer itself: options() selects the path and the capacity; drops are reported."""
+def test_moe_module_reads_the_runtime():
+    """The MoE layer itself: its runtime selects the path and the capacity; drops are reported."""
     c = q.get_config("tiny-moe").text_config
-    layer = moe.MoE(c)
     x = jax.random.normal(jax.random.key(1), (B, T, c.hidden_size))
     valid = jnp.ones((B, T), bool)
-    params = layer.init(jax.random.key(2), x, valid)
+    params = moe.MoE(c).init(jax.random.key(2), x, valid)
 
     def run(mode, cf):
-        with moe_dispatch.options(mode, cf):
-            fn = jax.jit(lambda p, x: layer.apply(p, x, valid), compiler_options=FAST)
-            return fn(params, x), _uses_all_to_all(lambda p, x: layer.apply(p, x, valid), params, x)
+        layer = moe.MoE(c, q.Runtime(moe_dispatch=mode, moe_capacity_factor=cf or 0.0))
+        fn = jax.jit(lambda p, x: layer.apply(p, x, valid), compiler_options=FAST)
+        return fn(params, x), _uses_all_to_all(lambda p, x: layer.apply(p, x, valid), params, x)
 
     (y0, stats0), _ = run("local", None)
     assert float(stats0["dropped_tokens"]) == 0

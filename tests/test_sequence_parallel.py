@@ -130,7 +130,7 @@ def _gdn_config() -> q.TextConfig:
 @pytest.fixture(scope="module")
 def layer_case():
     cfg = _gdn_config()
-    layer = GatedDeltaNet(cfg, chunk_size=8)
+    layer = GatedDeltaNet(cfg, q.Runtime(gdn_chunk_size=8))
     b, t = 2, 32
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(b, t, cfg.hidden_size)), jnp.float32)
@@ -170,7 +170,7 @@ def model_case():
     text = dataclasses.replace(
         cfg.text_config, num_hidden_layers=2, full_attention_interval=2, mtp_num_hidden_layers=0
     )
-    cfg = cfg.replace(text_config=text, gdn_chunk_size=8)
+    cfg = cfg.replace(text_config=text)
     rng = np.random.default_rng(2)
     ids = jnp.asarray(rng.integers(0, text.vocab_size, (MB, MT)), jnp.int32)
     seg = jnp.concatenate([_segments(2, MT), jnp.ones((2, MT), jnp.int32)], axis=0)

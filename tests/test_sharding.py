@@ -31,16 +31,19 @@ B, T = 8, 16
 
 
 def tiny_moe() -> q.Qwen35Config:
-    """tiny-moe cut to one GDN and one attention layer (both MoE), two GDN chunks per row."""
+    """tiny-moe cut to one GDN and one attention layer (both MoE)."""
     cfg = q.get_config("tiny-moe")
     text = dataclasses.replace(
         cfg.text_config, num_hidden_layers=2, full_attention_interval=2, mtp_num_hidden_layers=0
     )
-    return cfg.replace(text_config=text, gdn_chunk_size=8)
+    return cfg.replace(text_config=text)
+
+
+RUNTIME = q.Runtime(gdn_chunk_size=8)  # two GDN chunks per row
 
 
 def loss_fn(cfg, params, ids_BT, seg_BT):
-    out = q.apply(cfg, params, ids_BT, segment_ids=seg_BT)
+    out = q.apply(cfg, params, ids_BT, segment_ids=seg_BT, runtime=RUNTIME)
     logp_BTV = jax.nn.log_softmax(out.logits[:, :-1])
     nll_BT = -jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
     mask_BT = ((seg_BT[:, 1:] == seg_BT[:, :-1]) & (seg_BT[:, 1:] != 0)).astype(jnp.float32)

@@ -55,7 +55,8 @@ def test_preset_configs_keep_the_released_architecture():
     model = config_schema.model_config(config)
     want = qwen35_jax.get_config("qwen3.5-35b-a3b")
     assert model.text_config == want.text_config
-    assert model.compute_dtype == "bfloat16" and model.param_dtype == "float32"
+    runtime = config_schema.runtime_config(config)
+    assert runtime.compute_dtype == "bfloat16" and runtime.param_dtype == "float32"
 
 
 @pytest.mark.parametrize(
@@ -67,6 +68,8 @@ def test_preset_configs_keep_the_released_architecture():
         ("mesh.tensor", 0, "mesh.tensor=0 must be a positive size or -1"),
         ("data.kind", "csv", "data.kind='csv' must be one of"),
         ("data.path", "gs://b/train-*.jsonl", "data.path='gs://b/train-*.jsonl' must be a local"),
+        ("runtime.remat_policy", "some", "runtime.remat_policy='some' must be one of"),
+        ("model.remat_policy", "full", "model.remat_policy moved to runtime.remat_policy"),
     ],
 )
 def test_validation_names_the_key(key, value, message):
@@ -78,6 +81,13 @@ def test_validation_names_the_key(key, value, message):
     with pytest.raises(config_schema.ConfigValueError) as e:
         config_schema.validate(config)
     assert message in str(e.value)
+
+
+def test_moved_runtime_override_names_the_new_key():
+    from train import main
+
+    argv = ["main", "--config.model.gdn_chunk_size=16"]
+    assert main._unknown_override(argv) == "model.gdn_chunk_size moved to runtime.gdn_chunk_size"
 
 
 def test_model_overrides_reach_the_model_config():

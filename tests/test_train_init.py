@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import qwen35_jax
 from tests import hf_oracle
 from train import config_schema, loop
 from train.prepare import prepare_data
@@ -39,14 +40,29 @@ def test_from_hf_too_large_for_host_memory_is_refused_before_reading(hf_dir, mon
         loop._model_and_params(config)
 
 
+def test_from_hf_keeps_every_runtime_setting(hf_dir):
+    """The checkpoint replaces the architecture only: expert-parallel choices survive."""
+    config = config_schema.base_config("tiny")
+    config.runtime.update(
+        moe_dispatch="all_to_all", moe_capacity_factor=1.25, remat_policy="full", gdn_chunk_size=16
+    )
+    config.init.from_hf = hf_dir
+    config_schema.validate(config)
+    model_cfg, runtime, _ = loop._model_and_params(config)
+    assert model_cfg.text_config.num_experts == 6  # the checkpoint's architecture
+    assert runtime == qwen35_jax.Runtime(
+        moe_dispatch="all_to_all", moe_capacity_factor=1.25, remat_policy="full", gdn_chunk_size=16
+    )
+
+
 def test_from_hf_takes_config_weights_and_tokenizer(hf_dir, tmp_path):
     config = config_schema.base_config("tiny")
-    config.model.remat_policy = "full"
-    config.model.gdn_chunk_size = 16
+    config.runtime.remat_policy = "full"
+    config.runtime.gdn_chunk_size = 16
     config.init.from_hf = hf_dir
     config.data.max_bytes = 50_000
     config_schema.validate(config)
-    model_cfg, params = loop._model_and_params(config)
+    model_cfg, runtime, params = loop._model_and_params(config)
     t = model_cfg.text_config
     assert (t.hidden_size, t.num_hidden_layers, t.num_experts, t.full_attention_interval) == (
         32,
@@ -54,9 +70,7 @@ def test_from_hf_takes_config_weights_and_tokenizer(hf_dir, tmp_path):
         6,
         3,
     )
-    assert (model_cfg.remat_policy, model_cfg.gdn_chunk_size) == ("full", 16)  # ours kept
-    import qwen35_jax
-
+    assert (runtime.remat_policy, runtime.gdn_chunk_size) == ("full", 16)  # ours kept
     abstract = jax.tree.map(
         lambda b: b.value,
         qwen35_jax.abstract_params(model_cfg),
@@ -108,7 +122,7 @@ def test_continued_training_starts_at_the_reference_loss(hf_dir, tmp_path):
     def config(**init):
         c = config_schema.base_config("tiny")
         c.init.update(init)
-        c.model.compute_dtype = "float32"
+        c.runtime.compute_dtype = "float32"
         c.data.update(kind="jsonl", path=str(corpus))
         c.train.update(steps=4, batch_size=8, seq_len=24, log_every=1, completion_tokens=0)
         c.optimizer.update(lr=3e-2, warmup_steps=0, weight_decay=0.0)

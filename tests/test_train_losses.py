@@ -55,8 +55,11 @@ def test_cross_entropy_sums_match_numpy_and_ignore_masked_positions():
 def moe_model():
     cfg = qwen35_jax.get_config("tiny-moe")
     text = dataclasses.replace(cfg.text_config, num_hidden_layers=2, full_attention_interval=2)
-    cfg = cfg.replace(text_config=text, gdn_chunk_size=16)
+    cfg = cfg.replace(text_config=text)
     return cfg, qwen35_jax.init_params(cfg, jax.random.key(0))
+
+
+RUNTIME = qwen35_jax.Runtime(gdn_chunk_size=16)
 
 
 def test_step_losses_assemble_ce_mtp_z_and_aux(moe_model):
@@ -73,10 +76,20 @@ def test_step_losses_assemble_ce_mtp_z_and_aux(moe_model):
     n1, n2 = losses.target_counts(batch["segment_ids"], True)
     lam, zc = 0.3, 1e-3
     objective, sums = micro_losses(
-        cfg, params, batch, mtp_lambda=lam, z_loss=zc, n_main=n1, n_mtp=n2, num_micro=1
+        cfg,
+        params,
+        batch,
+        mtp_lambda=lam,
+        z_loss=zc,
+        n_main=n1,
+        n_mtp=n2,
+        num_micro=1,
+        runtime=RUNTIME,
     )
 
-    out = qwen35_jax.apply(cfg, params, tok, segment_ids=seg, positions=pos, return_mtp=True)
+    out = qwen35_jax.apply(
+        cfg, params, tok, segment_ids=seg, positions=pos, return_mtp=True, runtime=RUNTIME
+    )
     logits, mtp = np.asarray(out.logits), np.asarray(out.mtp_logits)
 
     def ce_at(lg, b, t, target):
@@ -137,7 +150,7 @@ def test_step_loss_chunk_matches_whole_logits(moe_model, tied):
     seg = np.array([[1] * 5 + [2] * 9 + [0] * 2, [1] * 16], np.int32)
     batch = {"tokens": jnp.asarray(tok), "segment_ids": jnp.asarray(seg)}
     n1, n2 = losses.target_counts(batch["segment_ids"], True)
-    kw = dict(mtp_lambda=0.3, z_loss=1e-3, n_main=n1, n_mtp=n2, num_micro=1)
+    kw = dict(mtp_lambda=0.3, z_loss=1e-3, n_main=n1, n_mtp=n2, num_micro=1, runtime=RUNTIME)
 
     def run(chunk):
         fn = lambda p: micro_losses(cfg, p, batch, loss_chunk=chunk, **kw)  # noqa: E731

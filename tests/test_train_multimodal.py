@@ -53,8 +53,10 @@ def model_config() -> qwen35_jax.Qwen35Config:
         vision_end_token_id=29,
         image_token_id=30,
         video_token_id=31,
-        gdn_chunk_size=16,
     )
+
+
+RUNTIME = qwen35_jax.Runtime(gdn_chunk_size=16)
 
 
 def image(rng, h, w):
@@ -162,7 +164,7 @@ def model():
     logits_fn = jax.jit(
         lambda p, ids, seg, px, grid: (
             qwen35_jax.apply(
-                cfg, p, ids, segment_ids=seg, pixel_values=px, image_grid_thw=grid
+                cfg, p, ids, segment_ids=seg, pixel_values=px, image_grid_thw=grid, runtime=RUNTIME
             ).logits
         )
     )
@@ -203,7 +205,7 @@ def test_jitted_step_loss_is_the_text_only_ce_of_apply(model):
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(step=zero, params=params, opt_state=jax.jit(tx.init)(params), skipped=zero)
     batch = next(make_iterator(documents(seed=1)))
-    step = jax.jit(make_train_step(cfg, tx, schedule, config.train))
+    step = jax.jit(make_train_step(cfg, tx, schedule, config.train, runtime=RUNTIME))
     with jax.set_mesh(mesh), sharding.axis_rules():
         new_state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
     want = direct_loss(model, batch)
@@ -230,7 +232,9 @@ def test_greedy_completion_with_images_matches_apply(model):
     images = np.stack([image(rng, 32, 32) for _ in range(3)])
     prompts, pixels, grids = caption_prompts(images, TOK, VisualSpec.of(cfg), max_patches=P_ROW)
     assert pixels.shape == (3, 16, VisualSpec.of(cfg).patch_dim) and grids.shape == (3, 1, 3)
-    got = greedy_complete(cfg, params, prompts, 1, pixel_values=pixels, image_grid_thw=grids)
+    got = greedy_complete(
+        cfg, params, prompts, 1, pixel_values=pixels, image_grid_thw=grids, runtime=RUNTIME
+    )
     ids = jnp.asarray(prompts)
     logits = logits_fn(params, ids, jnp.ones_like(ids), pixels, grids)
     assert [g[0] for g in got] == np.argmax(np.asarray(logits[:, -1]), axis=-1).tolist()

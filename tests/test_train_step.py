@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def setup():
     cfg = qwen35_jax.get_config("tiny-moe")
     text = dataclasses.replace(cfg.text_config, num_hidden_layers=2, full_attention_interval=2)
-    cfg = cfg.replace(text_config=text, gdn_chunk_size=16)
+    cfg = cfg.replace(text_config=text)
     config = base_config("tiny-moe")
     config.optimizer.warmup_steps = 0
     config.optimizer.lr = 1e-2
@@ -44,6 +44,7 @@ def setup():
     return cfg, config, tx, schedule, params, batch
 
 
+RUNTIME = qwen35_jax.Runtime(gdn_chunk_size=16)
 _STEPS = {}  # (mesh axes, grad_accum) -> (jitted step, shardings, mesh): compiled once
 
 
@@ -59,7 +60,7 @@ def one_step(setup, axes, *, grad_accum=1, params=None, loss_chunk=0):
             mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert"), None)
         )
         step = jax.jit(
-            make_train_step(cfg, tx, schedule, config.train),
+            make_train_step(cfg, tx, schedule, config.train, runtime=RUNTIME),
             in_shardings=(shardings, batch_sharding),
             out_shardings=(shardings, None),
             donate_argnums=0,

@@ -50,13 +50,22 @@ def digits_eval(
     image_size: int,
     count: int,
     max_patches: int,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> dict[str, Any]:
     """{"correct", "total", "accuracy", "chance", "predictions"} on `count` held-out digits."""
     images, labels = digits.digit_images("eval", image_size)
     images, labels = images[:count], labels[:count]
     spec = VisualSpec.of(model_cfg)
     prompts, pixels, grids = caption_prompts(images, tokenizer, spec, max_patches=max_patches)
-    outs = greedy_complete(model_cfg, params, prompts, 1, pixel_values=pixels, image_grid_thw=grids)
+    outs = greedy_complete(
+        model_cfg,
+        params,
+        prompts,
+        1,
+        pixel_values=pixels,
+        image_grid_thw=grids,
+        runtime=runtime,
+    )
     predictions = [tokenizer.decode(o) for o in outs]
     correct = sum(p == str(int(y)) for p, y in zip(predictions, labels, strict=True))
     return {

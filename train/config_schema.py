@@ -37,11 +37,15 @@
                 0 = none)
     model       `Qwen35Config.to_dict()` of a preset: Hugging Face field names, e.g.
                 model.text_config.num_hidden_layers, ...full_attention_interval,
-                ...num_experts, ...mtp_num_hidden_layers; runtime fields compute_dtype,
-                param_dtype, remat_policy, gdn_chunk_size. Text-only (vision_config None),
-                except with `base_config(..., keep_vision=True)` (multimodal data kinds).
+                ...num_experts, ...mtp_num_hidden_layers (the architecture only). Text-only
+                (vision_config None), except with `base_config(..., keep_vision=True)`
+                (multimodal data kinds).
+    runtime     `qwen35_jax.Runtime` fields (how the model runs): compute_dtype, param_dtype,
+                remat_policy, gdn_chunk_size, moe_dispatch, moe_capacity_factor,
+                attention_blocked_min_length, attention_block_q, attention_block_k. The former
+                `model.<field>` keys are refused, naming the new key.
     init        from_hf (a Hugging Face checkpoint dir: its weights and config.json replace
-                `model`, except the runtime fields; its tokenizer.json is used unless
+                `model`, never `runtime`; its tokenizer.json is used unless
                 data.tokenizer_path is set; fresh optimizer and step), from_checkpoint (one of
                 our orbax checkpoints: a step dir or a checkpoint dir (latest step); params only)
 
@@ -149,6 +153,7 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         eval_examples=0,
     )
     c.model = model_section(model, keep_vision=keep_vision)
+    c.runtime = qwen35_jax.Runtime().to_dict()
     c.init = dict(
         from_hf=config_dict.placeholder(str), from_checkpoint=config_dict.placeholder(str)
     )
@@ -178,8 +183,8 @@ def pretrain_config(
     add `--config.init.from_hf=/path/to/checkpoint-dir` (or `init.from_checkpoint` for a
     converted orbax checkpoint)."""
     c = base_config(preset)
-    c.model.compute_dtype = "bfloat16"
-    c.model.remat_policy = remat_policy
+    c.runtime.compute_dtype = "bfloat16"
+    c.runtime.remat_policy = remat_policy
     c.train.update(
         steps=steps,
         batch_size=batch_size,
@@ -239,12 +244,34 @@ def _get(c: ml_collections.ConfigDict, key: str) -> Any:
     return c
 
 
+RUNTIME_KEYS = tuple(qwen35_jax.Runtime().to_dict())
+
+
+def moved_key(path: str) -> str | None:
+    """For a dotted key that moved (`model.remat_policy`), the message naming its new key."""
+    section, _, name = path.partition(".")
+    if section == "model" and name in RUNTIME_KEYS:
+        return f"{path} moved to runtime.{name}"
+    return None
+
+
 def model_config(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
     """`config.model` as a validated Qwen35Config (ConfigValueError naming `model.<key>`)."""
+    for name in config.model:
+        if moved_key(f"model.{name}"):
+            raise ConfigValueError(moved_key(f"model.{name}"))
     try:
         return qwen35_jax.Qwen35Config.from_dict(config.model.to_dict())
     except qwen35_jax.ConfigError as e:
         raise ConfigValueError(f"model.{e}") from None
+
+
+def runtime_config(config: ml_collections.ConfigDict) -> qwen35_jax.Runtime:
+    """`config.runtime` as a validated Runtime (ConfigValueError naming `runtime.<key>`)."""
+    try:
+        return qwen35_jax.Runtime.from_dict(config.runtime.to_dict())
+    except qwen35_jax.ConfigError as e:
+        raise ConfigValueError(str(e)) from None
 
 
 def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
@@ -327,6 +354,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             config.init.from_checkpoint,
             "cannot be combined with init.from_hf",
         )
+    runtime_config(config)
     return model_config(config)
 
 

@@ -77,10 +77,13 @@ def _gdn_layer(c: qwen35_jax.TextConfig, chunk: int) -> float:
     return 2 * (proj + conv + nv * per_head)
 
 
-def forward_flops_per_token(config: qwen35_jax.Qwen35Config, seq_len: int) -> float:
-    """Model forward FLOPs per token at sequence length `seq_len` (see the module docstring)."""
+def forward_flops_per_token(
+    config: qwen35_jax.Qwen35Config, seq_len: int, *, runtime: qwen35_jax.Runtime | None = None
+) -> float:
+    """Model forward FLOPs per token at sequence length `seq_len` (see the module docstring);
+    the GDN chunk length is `runtime.gdn_chunk_size`."""
     c = config.text_config
-    chunk = min(config.gdn_chunk_size, seq_len)
+    chunk = min((runtime or qwen35_jax.Runtime()).gdn_chunk_size, seq_len)
     n_full = sum(t == "full_attention" for t in c.layer_types)
     n_linear = c.num_hidden_layers - n_full
     ffn = 2 * _ffn_weights(c)
@@ -94,13 +97,17 @@ def forward_flops_per_token(config: qwen35_jax.Qwen35Config, seq_len: int) -> fl
 
 
 def train_flops_per_token(
-    config: qwen35_jax.Qwen35Config, seq_len: int, with_mtp: bool = True
+    config: qwen35_jax.Qwen35Config,
+    seq_len: int,
+    with_mtp: bool = True,
+    *,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> float:
     """3x the forward FLOPs (forward + backward); the MTP head only if it is trained."""
     if not with_mtp:
         text = dataclasses.replace(config.text_config, mtp_num_hidden_layers=0)
         config = config.replace(text_config=text)
-    return 3.0 * forward_flops_per_token(config, seq_len)
+    return 3.0 * forward_flops_per_token(config, seq_len, runtime=runtime)
 
 
 @functools.cache

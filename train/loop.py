@@ -44,8 +44,6 @@ from train.sampling import greedy_complete
 from train.state import abstract_state, batch_shardings, check_params_match, init_state
 from train.step import make_train_step
 
-_RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "remat_policy", "gdn_chunk_size")
-
 
 class NonFiniteLossError(RuntimeError):
     """nan_policy="stop" met a NaN/Inf loss or gradient; the last checkpoint is intact."""
@@ -56,23 +54,26 @@ def _say(*args: Any) -> None:
         print(*args, flush=True)
 
 
-def _model_and_params(config: ml_collections.ConfigDict) -> tuple[qwen35_jax.Qwen35Config, Any]:
-    """The model config, and initial params when they come from a Hugging Face checkpoint.
+def _model_and_params(
+    config: ml_collections.ConfigDict,
+) -> tuple[qwen35_jax.Qwen35Config, qwen35_jax.Runtime, Any]:
+    """The model config, the runtime, and initial params when they come from a Hugging Face
+    checkpoint.
 
     With `init.from_hf` or a converted `init.from_checkpoint` (`hf-to-orbax` output) the
-    checkpoint's config.json replaces `model`, except the runtime fields (dtypes, remat, chunk).
+    checkpoint's config.json replaces `model` (the architecture); `runtime` is always the
+    config's own.
     """
-    model_cfg = config_schema.model_config(config)
-    runtime = {name: getattr(model_cfg, name) for name in _RUNTIME_FIELDS}
+    runtime = config_schema.runtime_config(config)
     if config.init.from_hf:
         hf_cfg = qwen35_jax.Qwen35Config.from_hf(config.init.from_hf)
         _check_fits_host_memory(config.init.from_hf, hf_cfg)
         _, params = qwen35_jax.load_hf(config.init.from_hf, jnp.float32, config=hf_cfg)
-        return hf_cfg.replace(**runtime), params
+        return hf_cfg, runtime, params
     ckpt = config.init.from_checkpoint
     if ckpt and orbax_io.is_converted_checkpoint(ckpt):
-        return qwen35_jax.Qwen35Config.from_hf(ckpt).replace(**runtime), None
-    return model_cfg, None
+        return qwen35_jax.Qwen35Config.from_hf(ckpt), runtime, None
+    return config_schema.model_config(config), runtime, None
 
 
 def available_host_bytes() -> int | None:
@@ -190,13 +191,18 @@ def _initial_params(config, hf_params, abstract, shardings):
     return None
 
 
-def _completions(config, model_cfg, params, tokenizer) -> list[tuple[str, str]]:
+def _completions(config, model_cfg, runtime, params, tokenizer) -> list[tuple[str, str]]:
     prompts = [p for p in config.train.prompts if p]
     if not prompts or config.train.completion_tokens == 0:
         return []
     ids = [tokenizer.encode(p) for p in prompts]
     outs = greedy_complete(
-        model_cfg, params, ids, config.train.completion_tokens, stop_id=tokenizer.eos_id
+        model_cfg,
+        params,
+        ids,
+        config.train.completion_tokens,
+        stop_id=tokenizer.eos_id,
+        runtime=runtime,
     )
     return [(p, tokenizer.decode(o)) for p, o in zip(prompts, outs, strict=True)]
 
@@ -226,7 +232,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
             else ""
         )
     )
-    model_cfg, hf_params = _model_and_params(config)
+    model_cfg, runtime, hf_params = _model_and_params(config)
     vocab = model_cfg.text_config.vocab_size
     if prepared.tokenizer.vocab_size > vocab:
         raise config_schema.ConfigValueError(
@@ -239,7 +245,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
 
     mesh = sharding.mesh_from_config(config.mesh)
     tx, schedule = make_optimizer(config.optimizer, t.steps)
-    abstract, shardings = abstract_state(model_cfg, tx, mesh)
+    abstract, shardings = abstract_state(model_cfg, tx, mesh, runtime=runtime)
     data_iter = make_data_iterator(config, prepared, mesh, model_cfg)
     ckpt = Checkpointer(
         os.path.join(workdir, config.checkpoint.dir),
@@ -252,7 +258,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
         _say(f"resumed from checkpoint step {start} in {ckpt.directory}")
     else:
         params = _initial_params(config, hf_params, abstract, shardings)
-        state, start = init_state(model_cfg, tx, mesh, jax.random.key(t.seed), params), 0
+        rng = jax.random.key(t.seed)
+        state, start = init_state(model_cfg, tx, mesh, rng, params, runtime=runtime), 0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
 
@@ -260,13 +267,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     shapes = _batch_shapes(config, model_cfg)
     batch_sh = batch_shardings(mesh, shapes)
     step_fn = jax.jit(
-        make_train_step(model_cfg, tx, schedule, t),
+        make_train_step(model_cfg, tx, schedule, t, runtime=runtime),
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and t.mtp_lambda > 0
-    flops_per_step = flops.train_flops_per_token(model_cfg, t.seq_len, with_mtp) * np.prod(shape)
+    per_token = flops.train_flops_per_token(model_cfg, t.seq_len, with_mtp, runtime=runtime)
+    flops_per_step = per_token * np.prod(shape)
     peak = t.peak_tflops_per_device * 1e12 or flops.peak_flops_per_device()
     logger = MetricsLogger(
         workdir,
@@ -352,7 +360,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
         )
     if jax.process_index() == 0:
         with jax.set_mesh(mesh), sharding.axis_rules():
-            completions = _completions(config, model_cfg, state.params, prepared.tokenizer)
+            completions = _completions(config, model_cfg, runtime, state.params, prepared.tokenizer)
         summary["completions"] = completions
         if completions:
             _say("greedy completions:")
@@ -367,6 +375,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
                     image_size=config.data.image_size,
                     count=config.data.eval_examples,
                     max_patches=config.data.patches_per_row,
+                    runtime=runtime,
                 )
             summary["eval"] = result
             _say(caption_eval.describe(result))

@@ -40,6 +40,10 @@ def _unknown_override(argv: list[str]) -> str | None:
             file, _, arg = config_path.partition(":")
             get_config = runpy.run_path(file)["get_config"]
             default = get_config(arg) if arg else get_config()
+        from train.config_schema import moved_key  # noqa: PLC0415
+
+        if moved_key(path):
+            return moved_key(path)
         node = default
         for i, part in enumerate(path.split(".")):
             keys = list(node.keys()) if hasattr(node, "keys") else []

@@ -30,6 +30,7 @@ def greedy_complete(
     stop_id: int | None = None,
     pixel_values: np.ndarray | None = None,
     image_grid_thw: np.ndarray | None = None,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> list[list[int]]:
     """For each prompt, the `num_tokens` greedy next tokens (cut before `stop_id`)."""
     lengths_P = np.asarray([len(p) for p in prompts])
@@ -44,7 +45,13 @@ def greedy_complete(
     def next_tokens(params, ids_PL, lengths_P, pixels, grids):
         seg_PL = (jnp.arange(width)[None, :] < lengths_P[:, None]).astype(jnp.int32)
         logits_PLV = qwen35_jax.apply(
-            config, params, ids_PL, segment_ids=seg_PL, pixel_values=pixels, image_grid_thw=grids
+            config,
+            params,
+            ids_PL,
+            segment_ids=seg_PL,
+            pixel_values=pixels,
+            image_grid_thw=grids,
+            runtime=runtime,
         ).logits
         last_PV = jnp.take_along_axis(logits_PLV, (lengths_P - 1)[:, None, None], axis=1)[:, 0]
         return jnp.argmax(last_PV, axis=-1)

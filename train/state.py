@@ -37,10 +37,14 @@ class TrainState:
 
 
 def abstract_state(
-    model_cfg: qwen35_jax.Qwen35Config, tx: optax.GradientTransformation, mesh: Mesh
+    model_cfg: qwen35_jax.Qwen35Config,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> tuple[TrainState, TrainState]:
     """(abstract TrainState of ShapeDtypeStructs, TrainState of NamedShardings)."""
-    boxed = qwen35_jax.abstract_params(model_cfg)
+    boxed = qwen35_jax.abstract_params(model_cfg, runtime=runtime)
     param_shardings = sharding.logical_to_mesh_sharding(boxed, mesh)
     params = nn.meta.unbox(boxed)
     opt_state = jax.eval_shape(tx.init, params)
@@ -70,9 +74,11 @@ def init_state(
     mesh: Mesh,
     rng: jax.Array,
     params: Any | None = None,
+    *,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> TrainState:
     """A fresh state (step 0) on the mesh: random parameters, or `params` if given."""
-    _, shardings = abstract_state(model_cfg, tx, mesh)
+    _, shardings = abstract_state(model_cfg, tx, mesh, runtime=runtime)
     zero = jnp.zeros((), jnp.int32)
 
     def from_params(p):
@@ -81,7 +87,7 @@ def init_state(
     with jax.set_mesh(mesh), sharding.axis_rules():
         if params is None:
             make = jax.jit(
-                lambda key: from_params(qwen35_jax.init_params(model_cfg, key)),
+                lambda key: from_params(qwen35_jax.init_params(model_cfg, key, runtime=runtime)),
                 out_shardings=shardings,
             )
             return make(rng)

@@ -56,6 +56,7 @@ def micro_losses(
     n_mtp: jax.Array,
     num_micro: int,
     loss_chunk: int = 0,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(objective share of one micro-batch, its metric sums). `loss_chunk` > 0: the heads'
     cross-entropies are computed over chunks of that many positions per row without the full
@@ -73,12 +74,13 @@ def micro_losses(
         return_mtp=with_mtp,
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
+        runtime=runtime,
     )
     head_DV = qwen35_jax.lm_head_weights(model_cfg, params) if loss_chunk else None
 
     def ce_sums(hidden_BTD, logits_BTV, targets_BT, valid_BT):
         if loss_chunk:
-            dtype = jnp.dtype(model_cfg.compute_dtype)
+            dtype = (runtime or qwen35_jax.Runtime()).dtype
             return losses.chunked_cross_entropy_sums(
                 hidden_BTD, head_DV, targets_BT, valid_BT, chunk=loss_chunk, dtype=dtype
             )
@@ -106,6 +108,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     train_cfg: ml_collections.ConfigDict,
+    *,
+    runtime: qwen35_jax.Runtime | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The (unjitted) step function; `loop.py` jits it with shardings and donation."""
     num_micro = int(train_cfg.grad_accum)
@@ -122,6 +126,7 @@ def make_train_step(
             n_mtp=n_mtp,
             num_micro=num_micro,
             loss_chunk=loss_chunk,
+            runtime=runtime,
         )
         grad_fn = jax.value_and_grad(
             lambda p, mb: micro_losses(model_cfg, p, mb, **kw), has_aux=True

@@ -10,7 +10,8 @@
 Two forms of p v, equal up to rounding: `dot_product_attention` (dense [B, G, R, T, S] float32
 scores, used for short rows) and `ops.attention.blocked_attention` (online softmax over key
 blocks, causal block skipping, flash backward; no [T, S] arrays), used when the layer is given
-segment ids and T >= BLOCKED_MIN_LENGTH.
+segment ids and T >= `runtime.attention_blocked_min_length` (default 1024; block sizes
+`runtime.attention_block_q`, `_block_k`).
 
 Parameter names (ours -> Hugging Face `self_attn.*`):
     q_proj [D, N, 2H]   <- q_proj.weight [N*2H, D] (transposed, reshaped)
@@ -29,12 +30,11 @@ from flax import linen as nn
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import apply_rotary
+from qwen35_jax.layers.weights import RuntimeDtypes
 from qwen35_jax.ops.attention import blocked_attention
+from qwen35_jax.runtime import Runtime
 
 KERNEL_INIT = nn.initializers.normal(0.02)
-# Sequences at least this long use the blocked kernel (when the layer is given segment ids).
-BLOCKED_MIN_LENGTH = 1024
-BLOCK_Q, BLOCK_K = 512, 256
 
 
 def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -64,11 +64,9 @@ def dot_product_attention(
     return out_BTGRH.reshape(b, t, n, h)
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(RuntimeDtypes, nn.Module):
     config: TextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    blocked_min_length: int = BLOCKED_MIN_LENGTH
+    runtime: Runtime = Runtime()
 
     def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
         kernel = self.param(
@@ -120,9 +118,15 @@ class GatedAttention(nn.Module):
         k_BTGH = apply_rotary(k_BTGH, cos_BTR, sin_BTR)
 
         t = x_BTD.shape[1]
-        if segment_ids_BT is not None and (t >= self.blocked_min_length or mask is None):
+        rt = self.runtime
+        if segment_ids_BT is not None and (t >= rt.attention_blocked_min_length or mask is None):
             out_BTNH = blocked_attention(
-                q_BTNH, k_BTGH, v_BTGH, segment_ids_BT, block_q=BLOCK_Q, block_k=BLOCK_K
+                q_BTNH,
+                k_BTGH,
+                v_BTGH,
+                segment_ids_BT,
+                block_q=rt.attention_block_q,
+                block_k=rt.attention_block_k,
             )
         else:
             if mask is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from qwen35_jax.config import TextConfig
@@ -26,6 +25,8 @@ from qwen35_jax.layers.gated_deltanet import GatedDeltaNet
 from qwen35_jax.layers.mlp import MLP
 from qwen35_jax.layers.moe import MoE
 from qwen35_jax.layers.norms import RMSNorm
+from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.runtime import Runtime
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -44,33 +45,29 @@ class LayerContext(NamedTuple):
     valid_BT: jax.Array
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(RuntimeDtypes, nn.Module):
     config: TextConfig
     kind: str  # LINEAR or FULL
-    chunk_size: int = 64
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, dict]:
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c, rt = self.config, self.runtime
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_BTD)
         if self.kind == LINEAR:
-            h_BTD = GatedDeltaNet(c, self.chunk_size, **kw, name="linear_attn")(
-                h_BTD, ctx.segment_ids_BT
-            )
+            h_BTD = GatedDeltaNet(c, rt, name="linear_attn")(h_BTD, ctx.segment_ids_BT)
         else:
-            h_BTD = GatedAttention(c, **kw, name="self_attn")(
+            h_BTD = GatedAttention(c, rt, name="self_attn")(
                 h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask, segment_ids_BT=ctx.segment_ids_BT
             )
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
 
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_BTD)
         if c.is_moe:
-            h_BTD, stats = MoE(c, **kw, name="mlp")(h_BTD, ctx.valid_BT)
+            h_BTD, stats = MoE(c, rt, name="mlp")(h_BTD, ctx.valid_BT)
         else:
-            h_BTD, stats = MLP(c.hidden_size, c.intermediate_size, **kw, name="mlp")(h_BTD), {}
+            mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype, self.param_dtype, name="mlp")
+            h_BTD, stats = mlp(h_BTD), {}
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "activation_embed"))
         return x_BTD, stats
@@ -99,20 +96,16 @@ class Block(nn.Module):
     """The repeating unit: (full_attention_interval - 1) GDN layers, then one attention layer."""
 
     config: TextConfig
-    remat_policy: str = "none"
-    chunk_size: int = 64
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, dict]:
-        c = self.config
-        cls = layer_class(self.remat_policy)
-        kw = dict(chunk_size=self.chunk_size, dtype=self.dtype, param_dtype=self.param_dtype)
+        c, rt = self.config, self.runtime
+        cls = layer_class(rt.remat_policy)
         n_linear = c.full_attention_interval - 1
         stats = {}
         if n_linear:
             stack = scanned_layers(cls, n_linear, "sublayers")
-            x_BTD, stats["linear"] = stack(c, LINEAR, **kw, name="linear_layers")(x_BTD, ctx)
-        x_BTD, stats["full"] = cls(c, FULL, **kw, name="full_layer")(x_BTD, ctx)
+            x_BTD, stats["linear"] = stack(c, LINEAR, rt, name="linear_layers")(x_BTD, ctx)
+        x_BTD, stats["full"] = cls(c, FULL, rt, name="full_layer")(x_BTD, ctx)
         return x_BTD, stats

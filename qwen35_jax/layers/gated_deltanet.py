@@ -47,8 +47,10 @@ from jax.sharding import PartitionSpec as P
 
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import GatedRMSNorm
+from qwen35_jax.layers.weights import RuntimeDtypes
 from qwen35_jax.ops import gated_delta_rule, gated_delta_rule_step
 from qwen35_jax.ops import sequence_parallel as sp
+from qwen35_jax.runtime import Runtime
 
 KERNEL_INIT = nn.initializers.normal(0.02)
 
@@ -189,11 +191,9 @@ def _conv_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(RuntimeDtypes, nn.Module):
     config: TextConfig
-    chunk_size: int = 64
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    runtime: Runtime = Runtime()
 
     def _param(self, name, shape, axes, init=KERNEL_INIT, cast=True):
         w = self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
@@ -259,10 +259,18 @@ class GatedDeltaNet(nn.Module):
 
         n = sp.sequence_axis_size()
         if cache is not None:
-            o_BTHV, state_BHKV, windows = _continue(feats, g_BTH, beta_BTH, cache, self.chunk_size)
+            o_BTHV, state_BHKV, windows = _continue(
+                feats, g_BTH, beta_BTH, cache, self.runtime.gdn_chunk_size
+            )
         elif n > 1 and t % n == 0 and t // n >= w - 1 and not self.is_initializing():
             o_BTHV, state_BHKV = _sequence_parallel_mix(
-                *feats[:6], g_BTH, beta_BTH, segment_ids_BT, rep, self.dtype, self.chunk_size
+                *feats[:6],
+                g_BTH,
+                beta_BTH,
+                segment_ids_BT,
+                rep,
+                self.dtype,
+                self.runtime.gdn_chunk_size,
             )
             o_BTHV = o_BTHV.astype(self.dtype)  # the plain path's (v's) dtype
         else:
@@ -274,7 +282,7 @@ class GatedDeltaNet(nn.Module):
                 g_BTH,
                 beta_BTH,
                 segment_ids=segment_ids_BT,
-                chunk_size=self.chunk_size,
+                chunk_size=self.runtime.gdn_chunk_size,
                 return_final_state=return_cache,
             )
             if return_cache:

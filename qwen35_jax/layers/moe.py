@@ -9,9 +9,10 @@
 Dispatch: the N*k (token, expert) pairs are sorted by expert so each expert's tokens are
 contiguous, the three expert matmuls are grouped matmuls (`jax.lax.ragged_dot`) over the sorted
 rows, and the weighted results are scattered back to their tokens. Under a mesh of several
-devices (`jax.set_mesh`) each device instead runs its own tokens (`moe_dispatch.py`), and with
-an `expert` axis the tokens travel to the devices that own their experts by all-to-all
-(dropless by default; an optional capacity factor drops and counts overflowing rows).
+devices (`jax.set_mesh`) each device instead runs its own tokens (`moe_dispatch.py`, chosen by
+`runtime.moe_dispatch`), and with an `expert` axis the tokens travel to the devices that own
+their experts by all-to-all (dropless by default; an optional capacity factor drops and counts
+overflowing rows).
 
 Load-balancing statistics (Switch-style, as Hugging Face's `load_balancing_loss_func`): per layer
 the count of top-k assignments per expert and the sum of router probabilities per expert over
@@ -36,6 +37,8 @@ from flax import linen as nn
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers import moe_dispatch
 from qwen35_jax.layers.mlp import MLP
+from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.runtime import Runtime
 
 KERNEL_INIT = nn.initializers.normal(0.02)
 
@@ -72,15 +75,12 @@ def grouped_experts(
     return jnp.zeros_like(x_ND).at[token_M].add(y_MD)
 
 
-class MoE(nn.Module):
-    """Router, routed experts and gated shared expert. `dispatch` / `capacity_factor`: see
-    `moe_dispatch` (None: the `moe_dispatch.options` in effect, by default auto and dropless)."""
+class MoE(RuntimeDtypes, nn.Module):
+    """Router, routed experts and gated shared expert. Dispatch: `runtime.moe_dispatch` and
+    `runtime.moe_capacity_factor` (see `moe_dispatch`)."""
 
     config: TextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    dispatch: str | None = None
-    capacity_factor: float | None = None
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array) -> tuple[jax.Array, dict]:
@@ -98,9 +98,7 @@ class MoE(nn.Module):
             (d, e),
             self.param_dtype,
         )
-        experts = _Experts(
-            c, self.dtype, self.param_dtype, self.dispatch, self.capacity_factor, name="experts"
-        )
+        experts = _Experts(c, self.runtime, name="experts")
         shared_gate_D = param("shared_expert_gate", (d,), ("embed",))
 
         x_BTD = x_BTD.astype(self.dtype)
@@ -130,14 +128,11 @@ class MoE(nn.Module):
         return y_BTD, stats
 
 
-class _Experts(nn.Module):
+class _Experts(RuntimeDtypes, nn.Module):
     """The routed experts' stacked weights and the grouped computation (local or all-to-all)."""
 
     config: TextConfig
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-    dispatch: str | None = None
-    capacity_factor: float | None = None
+    runtime: Runtime = Runtime()
 
     @nn.compact
     def __call__(self, x_BTD, weights_BTk, experts_BTk, valid_BT):
@@ -153,10 +148,7 @@ class _Experts(nn.Module):
         wg = param("gate_proj", (e, d, i), ("experts", "embed", "mlp"))
         wu = param("up_proj", (e, d, i), ("experts", "embed", "mlp"))
         wd = param("down_proj", (e, i, d), ("experts", "mlp", "embed"))
-        opts = moe_dispatch.current_options()
-        mode = opts.mode if self.dispatch is None else self.dispatch
-        cf = opts.capacity_factor if self.capacity_factor is None else self.capacity_factor
-        moe_dispatch.DispatchOptions(mode, cf)  # validates
+        mode, cf = self.runtime.moe_dispatch, self.runtime.moe_capacity_factor
         b, t, k = experts_BTk.shape
         layout = None
         if not self.is_initializing():

@@ -36,56 +36,22 @@ propagation, which replicates the global sort and hence all routed-expert work o
 (see bench/RESULTS.md): only for one device; "all_to_all" = this file, or an error when the
 shapes do not divide; "auto" = this file whenever a mesh of more than one device is set
 (`jax.set_mesh`) and the shapes divide, else local. The mode and capacity factor come from the
-MoE module's fields or, when those are None, from `options(...)` (a context manager read at
-trace time), default ("auto", None).
+MoE module's `runtime` (`runtime.moe_dispatch`, `runtime.moe_capacity_factor`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import threading
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen35_jax import sharding
+from qwen35_jax.runtime import MOE_DISPATCH_CHOICES
 
-MODES = ("auto", "local", "all_to_all")
-
-
-@dataclasses.dataclass(frozen=True)
-class DispatchOptions:
-    mode: str = "auto"  # one of MODES
-    capacity_factor: float | None = None  # None or 0: dropless (the local path always is)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"moe dispatch mode={self.mode!r} must be one of {MODES}")
-        cf = self.capacity_factor
-        if cf is not None and cf < 0:
-            raise ValueError(f"moe capacity_factor={cf!r} must be >= 0 (0 or None: dropless)")
-
-
-_STATE = threading.local()
-
-
-def current_options() -> DispatchOptions:
-    return getattr(_STATE, "options", DispatchOptions())
-
-
-@contextlib.contextmanager
-def options(mode: str = "auto", capacity_factor: float | None = None) -> Iterator[None]:
-    """Dispatch settings for MoE layers traced inside this context (fields left None)."""
-    previous = current_options()
-    _STATE.options = DispatchOptions(mode, capacity_factor)
-    try:
-        yield
-    finally:
-        _STATE.options = previous
+MODES = MOE_DISPATCH_CHOICES  # "auto" | "local" | "all_to_all"
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -145,6 +111,8 @@ def _layout(mesh, b: int, t: int, w_in_shape, w_out_shape) -> _Layout:
 
 def resolve_mode(mode: str, b: int, t: int, w_in_shape, w_out_shape) -> _Layout | None:
     """The layout for expert-parallel dispatch, or None for the local grouped matmul."""
+    if mode not in MODES:
+        raise ValueError(f"moe dispatch mode={mode!r} must be one of {MODES}")
     if mode == "local":
         return None
     mesh = jax.sharding.get_abstract_mesh()
