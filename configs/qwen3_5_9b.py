@@ -7,10 +7,10 @@
 
 Sized for a TPU v5p-256 (128 chips).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
-weights): see `train.config_schema.pretrain_config`.
+weights): see `configs.common.pretrain_config`.
 """
 
-from train.config_schema import pretrain_config
+from configs.common import pretrain_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
     launch/local.sh 2 4 ...   with LAUNCH_MODULE=launch.dist_check:
     LAUNCH_MODULE=launch.dist_check launch/local.sh 2 4 --mesh data=2,expert=4 --workdir /tmp/d
 
-Every process joins with `sharding.initialize_distributed`, builds the global mesh from
+Every process joins with `distributed.initialize_distributed`, builds the global mesh from
 --mesh, generates only its own rows of each global batch (`process_batch_slice`), assembles the
 global batch (`make_global_batch`) and runs jitted value-and-grad steps with the table's
 shardings (the MoE layers dispatch by all-to-all when expert > 1). Process 0 appends
@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qwen35_jax as q
-from qwen35_jax import sharding
+from qwen35_jax import distributed, sharding
 
 
 def tiny_config() -> q.Qwen35Config:
@@ -58,12 +58,12 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     args = ap.parse_args()
 
-    distributed = sharding.initialize_distributed()
+    joined = distributed.initialize_distributed()
     cfg = tiny_config()
     mesh = sharding.mesh_from_config(sharding.parse_mesh(args.mesh))
     param_sh = sharding.logical_to_mesh_sharding(q.abstract_params(cfg, runtime=RUNTIME), mesh)
     batch_sh = sharding.batch_sharding(mesh, args.batch)
-    rows = sharding.process_batch_slice(mesh, args.batch)
+    rows = distributed.process_batch_slice(mesh, args.batch)
 
     def loss_fn(params, ids_BT):
         logits = q.apply(cfg, params, ids_BT, runtime=RUNTIME).logits
@@ -87,21 +87,19 @@ def main() -> None:
         losses = []
         for i in range(args.steps):
             local = batch_rows(i, rows, args.seq_len, cfg.text_config.vocab_size)
-            ids = sharding.make_global_batch(local, mesh, args.batch)
+            ids = distributed.make_global_batch(local, mesh, args.batch)
             params, loss = train_step(params, ids)
             losses.append(float(loss))
     info = dict(
         process=jax.process_index(), processes=jax.process_count(), rows=[rows.start, rows.stop]
     )
-    print(
-        json.dumps({**info, "distributed": distributed, "mesh": dict(mesh.shape), "losses": losses})
-    )
+    print(json.dumps({**info, "distributed": joined, "mesh": dict(mesh.shape), "losses": losses}))
     if jax.process_index() == 0:
         os.makedirs(args.workdir, exist_ok=True)
         with open(os.path.join(args.workdir, "metrics.jsonl"), "a") as f:
             for i, loss in enumerate(losses):
                 f.write(json.dumps({"step": i + 1, "loss": loss}) + "\n")
-    if distributed:
+    if joined:
         jax.distributed.shutdown()
 
 

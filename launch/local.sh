@@ -3,19 +3,25 @@
 # jax.distributed (CPU collectives through gloo) into one global mesh of NPROC x DEVICES_PER_PROC
 # devices, all running `python -m train.main [flags...]` (LAUNCH_MODULE overrides the module).
 #
-#   launch/local.sh 2 4 --config configs/tiny_moe.py --config.mesh.fsdp=8 --workdir /tmp/run
+#   launch/local.sh 2 4 --workdir=/tmp/run            # the embedded default (configs/default.py)
+#   launch/local.sh 2 4 --config=configs/tiny_cpu.py --config.mesh.fsdp=8 --workdir=/tmp/run
 #   launch/local.sh --dry-run 2 4 --config ...        # print the commands, run nothing
+#
+# Python: $PYTHON if set (PYTHON=/path/to/python overrides everything), else the active virtual
+# environment's ($VIRTUAL_ENV/bin/python, or $CONDA_PREFIX/bin/python), else this checkout's
+# .venv/bin/python, else python3 on PATH.
 #
 # Each process gets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (read by
 # qwen35_jax.sharding.initialize_distributed), JAX_PLATFORMS=cpu and the XLA device-count flag.
 # Logs: $LAUNCH_LOGDIR/proc_<i>.log (default: a fresh /tmp directory); process 0's log is also
-# streamed to stdout. The script exits with the first non-zero status of any process (the
-# others are then stopped).
+# streamed to stdout. When any process exits non-zero the others are stopped (SIGTERM, then
+# SIGKILL after $LAUNCH_KILL_GRACE seconds, default 5: a process blocked in a collective ignores
+# the trainer's SIGTERM handling) and the script exits with that process's status.
 set -euo pipefail
 
 usage() {
   awk 'NR > 1 && /^#SBATCH/ {next} NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0" >&2
-  echo "usage: $0 [--dry-run] NPROC DEVICES_PER_PROC [module flags...]" >&2
+  echo "usage: [PYTHON=python] $0 [--dry-run] NPROC DEVICES_PER_PROC [module flags...]" >&2
   exit 2
 }
 
@@ -38,8 +44,17 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 module="${LAUNCH_MODULE:-train.main}"
 python="${PYTHON:-}"
 if [[ -z "$python" ]]; then
-  if [[ -x "$root/.venv/bin/python" ]]; then python="$root/.venv/bin/python"; else python=python3; fi
+  if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    python="$VIRTUAL_ENV/bin/python"
+  elif [[ -n "${CONDA_PREFIX:-}" && -x "$CONDA_PREFIX/bin/python" ]]; then
+    python="$CONDA_PREFIX/bin/python"
+  elif [[ -x "$root/.venv/bin/python" ]]; then
+    python="$root/.venv/bin/python"
+  else
+    python=python3
+  fi
 fi
+grace="${LAUNCH_KILL_GRACE:-5}"
 port="${JAX_COORDINATOR_PORT:-$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 if [[ $dry_run == 1 ]]; then
   logdir="${LAUNCH_LOGDIR:-<new /tmp/qwen35_local.* directory>}"
@@ -72,10 +87,22 @@ fi
 
 cd "$root"
 pids=()
-cleanup() {
+tail_pid=
+stop_all() {  # SIGTERM to every live process, SIGKILL to those still alive after $grace s
+  local pid alive deadline=$((SECONDS + grace))
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  while ((SECONDS < deadline)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.2
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  [[ -z "$tail_pid" ]] || kill "$tail_pid" 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 for ((i = 0; i < nproc; i++)); do
   command_for "$i" "$@"
   "${cmd[@]}" >"$logdir/proc_$i.log" 2>&1 &
@@ -98,11 +125,12 @@ while [[ ${#remaining[@]} -gt 0 ]]; do
   remaining=("${next[@]+"${next[@]}"}")
   if [[ $status != 0 ]]; then
     echo "local.sh: a process failed (exit $status); stopping the others. Logs: $logdir" >&2
+    stop_all
     for ((i = 1; i < nproc; i++)); do
       echo "--- proc_$i.log (tail)" >&2
       tail -n 20 "$logdir/proc_$i.log" >&2 || true
     done
-    break
+    exit "$status"
   fi
   [[ ${#remaining[@]} -gt 0 ]] && sleep 0.5
 done

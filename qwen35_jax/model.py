@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qwen35_jax import sharding
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.fusion import (
     VisionInputs,
@@ -111,7 +112,7 @@ class Qwen35TextModel(nn.Module):
                 vision = dummy_vision(cfg)
             merged_MD = tower(vision.pixels_PF.astype(dtype), vision.layout)
             x_BTD = scatter_visual(cfg, x_BTD, input_ids_BT, merged_MD, vision)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "activation_embed"))
+        x_BTD = sharding.constrain(x_BTD, ("batch", "length", "activation_embed"))
 
         rotary_dim = int(c.head_dim * c.rope_parameters.partial_rotary_factor)
         rope = c.rope_parameters

@@ -145,6 +145,44 @@ def test_plan_rejects_a_mesh_that_does_not_match_the_chips(capsys):
     assert rc == 2 and "use 16 devices, 32 are present" in capsys.readouterr().err
 
 
+def test_local_prefers_the_active_virtualenv_and_documents_python(tmp_path):
+    import os
+    import sys
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    base = {"PATH": "/usr/bin:/bin", "JAX_COORDINATOR_PORT": "12345", "HOME": str(tmp_path)}
+    r = sh("launch/local.sh", "--dry-run", "2", "1", env={**base, "VIRTUAL_ENV": str(venv)})
+    assert r.returncode == 0, r.stderr
+    assert f"{venv}/bin/python -m train.main" in r.stdout
+    r = sh("launch/local.sh", "--dry-run", "2", "1",
+           env={**base, "VIRTUAL_ENV": str(venv), "PYTHON": "/opt/py/bin/python3"})  # fmt: skip
+    assert "/opt/py/bin/python3 -m train.main" in r.stdout and str(venv) not in r.stdout
+    usage = sh("launch/local.sh").stderr
+    assert "PYTHON=" in usage and "VIRTUAL_ENV" in usage
+    for name in {w for w in usage.split() if w.startswith("--config=configs/")}:
+        assert os.path.exists(ROOT / name.split("=", 1)[1]), name  # the usage's configs exist
+
+
+def test_local_stops_every_process_when_one_dies(tmp_path):
+    """Process 1 exits 3; process 0 ignores SIGTERM: the launch ends within seconds, status 3."""
+    import time
+
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "LAUNCH_MODULE": "tests.launch_stub",
+        "LAUNCH_LOGDIR": str(tmp_path),
+        "LAUNCH_KILL_GRACE": "1",
+    }
+    t0 = time.monotonic()
+    r = sh("launch/local.sh", "2", "1", env=env)
+    assert r.returncode == 3, r.stderr
+    assert time.monotonic() - t0 < 20
+    assert "a process failed (exit 3)" in r.stderr
+
+
 def test_local_propagates_a_failing_process(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "LAUNCH_MODULE": "no_such_module", "HOME": str(tmp_path)}
     r = sh("launch/local.sh", "2", "1", env={**env, "LAUNCH_LOGDIR": str(tmp_path)})

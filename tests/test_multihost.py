@@ -3,13 +3,15 @@
 
 Runs `launch/local.sh` with `launch.dist_check` (sharded SGD steps of a tiny MoE model; the MoE
 layers dispatch by all-to-all across the two processes), and `train.main` itself (the full
-trainer: data shards per host, sharded state, checkpoints; fixed `data.num_shards` so both runs
-see the same global batches).
+trainer with its default data layout: data shards per host, sharded state, checkpoints, and the
+end-of-run greedy completions, computed by every process); a checkpoint written by 2 x 4 resumes
+on 1 x 8 and on 1 x 4 (another mesh) with the batches and losses of a straight run.
 """
 
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 
 import pytest
@@ -64,20 +66,61 @@ TRAIN_FLAGS = [
     "--config.mesh.fsdp=2",
     "--config.mesh.expert=4",
     "--config.train.batch_size=8",
-    "--config.train.steps=3",
+    "--config.train.steps=4",
     "--config.train.log_every=1",
-    "--config.train.completion_tokens=0",
-    "--config.data.num_shards=2",  # the same global batch for 1 or 2 processes
+    "--config.train.completion_tokens=4",  # the end-of-run completions run on every process
 ]
+ON_4_DEVICES = ["--config.mesh.fsdp=-1", "--config.mesh.expert=1"]
+
+
+def completions(logs: str) -> list[str]:
+    lines = logs.splitlines()
+    start = lines.index("greedy completions:")
+    return [x for x in lines[start + 1 :] if x.startswith("  ")]
+
+
+@pytest.fixture(scope="module")
+def straight_one_process(tmp_path_factory):
+    """1 process x 8 devices, 4 steps: (losses, completions)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    logs = run_local(1, 8, "train.main", *TRAIN_FLAGS, f"--workdir={tmp / 'run'}",
+                     logdir=tmp / "logs")  # fmt: skip
+    return read_losses(tmp / "run"), completions(logs)
 
 
 @pytest.mark.slow
-def test_train_main_two_processes_match_one_process(tmp_path):
-    run_local(2, 4, "train.main", *TRAIN_FLAGS, f"--workdir={tmp_path / 'two'}",
-              logdir=tmp_path / "logs2")  # fmt: skip
-    run_local(1, 8, "train.main", *TRAIN_FLAGS, f"--workdir={tmp_path / 'one'}",
-              logdir=tmp_path / "logs1")  # fmt: skip
-    losses_two, losses_one = read_losses(tmp_path / "two"), read_losses(tmp_path / "one")
-    assert len(losses_one) == 3
+def test_train_main_two_processes_match_one_process(tmp_path, straight_one_process):
+    """Default data layout (no data.num_shards): the same batches and losses; the run ends with
+    the same completions instead of crashing (process 0 alone) and hanging (the others)."""
+    logs = run_local(2, 4, "train.main", *TRAIN_FLAGS, f"--workdir={tmp_path / 'two'}",
+                     logdir=tmp_path / "logs2")  # fmt: skip
+    losses_one, completions_one = straight_one_process
+    losses_two = read_losses(tmp_path / "two")
+    assert len(losses_one) == 4
     for a, b in zip(losses_two, losses_one, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (losses_two, losses_one)
+    assert completions_one and completions(logs) == completions_one
+    assert logs.count("greedy completions:") == 1  # printed by process 0 only
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_on_another_topology(tmp_path, straight_one_process):
+    """2 x 4 stops after 2 steps (train.run_steps); the checkpoint resumes on 1 x 8 and on 1 x 4
+    (fsdp=4 instead of fsdp=2 x expert=4) and continues with the straight run's batches."""
+    first = tmp_path / "first"
+    run_local(2, 4, "train.main", *TRAIN_FLAGS, "--config.train.run_steps=2",
+              f"--workdir={first}", logdir=tmp_path / "logs_first")  # fmt: skip
+    losses_one, _ = straight_one_process
+    for name, nproc, devices, flags, rtol in (
+        ("on_1x8", 1, 8, [], 1e-5),
+        ("on_1x4", 1, 4, ON_4_DEVICES, 1e-4),  # another mesh: other reduction orders
+    ):
+        workdir = tmp_path / name
+        shutil.copytree(first, workdir)
+        logs = run_local(nproc, devices, "train.main", *TRAIN_FLAGS, *flags,
+                         f"--workdir={workdir}", logdir=tmp_path / f"logs_{name}")  # fmt: skip
+        assert "resumed from checkpoint step 2" in logs
+        losses = read_losses(workdir)
+        assert len(losses) == 4, losses
+        for a, b in zip(losses, losses_one, strict=True):
+            assert abs(a - b) <= rtol * abs(b), (name, losses, losses_one)

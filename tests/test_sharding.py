@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qwen35_jax as q
-from qwen35_jax import sharding
+from qwen35_jax import distributed, sharding
 
 FAST = {"xla_backend_optimization_level": 0}  # compile time dominates; numerics are the same
 MESHES = {
@@ -246,7 +246,7 @@ class _Dev:
 
 def test_process_batch_slice_single_process():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    assert sharding.process_batch_slice(mesh, 8) == slice(0, 8)
-    batch = sharding.make_global_batch({"ids": np.arange(16).reshape(8, 2)}, mesh, 8)
+    assert distributed.process_batch_slice(mesh, 8) == slice(0, 8)
+    batch = distributed.make_global_batch({"ids": np.arange(16).reshape(8, 2)}, mesh, 8)
     assert batch["ids"].sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 2)
     np.testing.assert_array_equal(np.asarray(batch["ids"]), np.arange(16).reshape(8, 2))

@@ -122,6 +122,18 @@ def test_resume_gives_exactly_the_losses_of_a_straight_run(straight_run, resumed
     assert config["model"]["text_config"]["num_hidden_layers"] == 2
 
 
+def test_changed_data_layout_is_refused_naming_it(resumed_run, tmp_path, env):
+    """Another data.num_shards cannot continue the checkpoint's data stream: one line, no
+    traceback, and the checkpoints stay where they are."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(resumed_run, workdir)
+    r = cli(workdir, "--config.train.steps=8", "--config.data.num_shards=2", *QUIET, env=env)
+    assert r.returncode == 1
+    assert "error: " in r.stderr and "data.num_shards 1 -> 2" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert steps_on_disk(workdir) == [3, 6]
+
+
 def test_incomplete_checkpoint_is_skipped_with_a_warning(resumed_run, tmp_path, env):
     workdir = tmp_path / "copy"
     shutil.copytree(resumed_run, workdir)

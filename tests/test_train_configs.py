@@ -13,8 +13,10 @@ import qwen35_jax
 from train import config_schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = sorted(
-    f for f in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not f.endswith("__init__.py")
+FILES = sorted(  # the experiment configs (common.py is the recipe they share, not one)
+    f
+    for f in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+    if not f.endswith(("__init__.py", "common.py"))
 )
 
 

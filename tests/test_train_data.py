@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from train.data.pipeline import DataIterator, TokenizeRecord, build_dataset
+from train.data.iterator import DataIterator
+from train.data.pipeline import TokenizeRecord, build_dataset
 from train.data.sources import FileSource, JsonlSource, decode_record, open_source
 from train.data.tokenizers import load_tokenizer
 from train.tokenizer import train_sentencepiece

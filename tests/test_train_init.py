@@ -10,7 +10,8 @@ import pytest
 
 import qwen35_jax
 from tests import hf_oracle
-from train import config_schema, loop
+from train import config_schema, init, loop
+from train.data.input import input_pipeline
 from train.prepare import prepare_data
 from train.state import check_params_match
 
@@ -31,13 +32,13 @@ def hf_dir(tmp_path_factory):
 def test_from_hf_too_large_for_host_memory_is_refused_before_reading(hf_dir, monkeypatch):
     config = config_schema.base_config("tiny")
     config.init.from_hf = hf_dir
-    assert loop.available_host_bytes() > 0  # this (Linux) host reports it
-    monkeypatch.setattr(loop, "available_host_bytes", lambda: 64 * 1024)  # 64 KiB free
+    assert init.available_host_bytes() > 0  # this (Linux) host reports it
+    monkeypatch.setattr(init, "available_host_bytes", lambda: 64 * 1024)  # 64 KiB free
     monkeypatch.setattr(
-        loop.qwen35_jax, "load_hf", lambda *a, **k: pytest.fail("weights read anyway")
+        init.qwen35_jax, "load_hf", lambda *a, **k: pytest.fail("weights read anyway")
     )
     with pytest.raises(config_schema.ConfigValueError, match=r"init\.from_hf=.*hf-to-orbax"):
-        loop._model_and_params(config)
+        init.model_config(config)
 
 
 def test_from_hf_keeps_every_runtime_setting(hf_dir):
@@ -48,7 +49,7 @@ def test_from_hf_keeps_every_runtime_setting(hf_dir):
     )
     config.init.from_hf = hf_dir
     config_schema.validate(config)
-    model_cfg, runtime, _ = loop._model_and_params(config)
+    model_cfg, runtime = init.model_config(config), config_schema.runtime_config(config)
     assert model_cfg.text_config.num_experts == 6  # the checkpoint's architecture
     assert runtime == qwen35_jax.Runtime(
         moe_dispatch="all_to_all", moe_capacity_factor=1.25, remat_policy="full", gdn_chunk_size=16
@@ -62,7 +63,8 @@ def test_from_hf_takes_config_weights_and_tokenizer(hf_dir, tmp_path):
     config.init.from_hf = hf_dir
     config.data.max_bytes = 50_000
     config_schema.validate(config)
-    model_cfg, runtime, params = loop._model_and_params(config)
+    model_cfg = init.model_config(config)
+    runtime = config_schema.runtime_config(config)
     t = model_cfg.text_config
     assert (t.hidden_size, t.num_hidden_layers, t.num_experts, t.full_attention_interval) == (
         32,
@@ -76,6 +78,7 @@ def test_from_hf_takes_config_weights_and_tokenizer(hf_dir, tmp_path):
         qwen35_jax.abstract_params(model_cfg),
         is_leaf=lambda x: hasattr(x, "value"),
     )
+    params = init.initial_params(config, model_cfg, abstract)  # checks the tree itself
     check_params_match(params, abstract, "from_hf")
     bad = dict(params)
     bad["embed_tokens"] = np.zeros((3, 3), np.float32)
@@ -138,7 +141,7 @@ def test_continued_training_starts_at_the_reference_loss(hf_dir, tmp_path):
     (tmp_path / "probe").mkdir()
     prepared = prepare_data(c, str(tmp_path / "probe"))
     mesh = sharding.mesh_from_config(c.mesh)
-    batch0 = next(loop.make_data_iterator(c, prepared, mesh))
+    batch0 = next(input_pipeline(c, prepared, mesh).iterator)
     assert (batch0["segment_ids"] > 1).any()  # packed: several documents in a row
     reference = _hf_loss_on_batch(hf_dir, batch0)
     assert abs(first["loss"] - reference) <= 1e-4 * reference, (first["loss"], reference)

@@ -17,13 +17,13 @@ from flax import linen as nn
 import qwen35_jax
 from qwen35_jax import sharding
 from train import config_schema, losses
+from train.data.iterator import DataIterator
 from train.data.multimodal import (
     MULTIMODAL_FIELDS,
     EncodeExample,
     VisualSpec,
     build_multimodal_dataset,
 )
-from train.data.pipeline import DataIterator
 from train.data.tokenizers import WordTokenizer
 from train.optimizer import make_optimizer
 from train.sampling import greedy_complete

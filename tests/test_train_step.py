@@ -151,7 +151,7 @@ def test_non_finite_step_leaves_the_state_unchanged(setup):
 @pytest.mark.slow
 def test_nan_policy_stop_keeps_the_last_good_checkpoint(tmp_path):
     from train import loop
-    from train.checkpointing import restore_params
+    from train.init import params_from_training_checkpoint
 
     config = runpy.run_path(os.path.join(ROOT, "configs", "tiny_cpu.py"))["get_config"]()
     config.mesh.data, config.mesh.fsdp, config.train.batch_size = -1, 1, 8
@@ -167,6 +167,6 @@ def test_nan_policy_stop_keeps_the_last_good_checkpoint(tmp_path):
     abstract = jax.tree.map(
         lambda b: b.value, qwen35_jax.abstract_params(cfg), is_leaf=lambda x: hasattr(x, "value")
     )
-    params = restore_params(str(tmp_path / "run" / "checkpoints"), abstract)
+    params = params_from_training_checkpoint(str(tmp_path / "run" / "checkpoints"), abstract)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
     assert str(max(steps)) in str(err.value) or "intact" in str(err.value)

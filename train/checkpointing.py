@@ -2,7 +2,8 @@
 
 Layout: `<workdir>/<checkpoint.dir>/<step>/{state, data}`: `state` is the TrainState (params,
 optimizer state, step, skipped count; orbax StandardSave), `data` the input iterator state
-(grain's handler: one JSON file per process), both captured at the moment `save` is called.
+(train/data/iterator.py's handler: one JSON file per process, restored from all of them,
+so a checkpoint resumes on another process count), both captured at the moment `save` is called.
 
 Safety:
   * orbax writes a step into a temporary directory and renames it when complete, and deletes
@@ -22,10 +23,11 @@ import shutil
 import signal
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from train.data.iterator import DataLayoutError, DataRestore, DataSave
 
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 
@@ -89,10 +91,12 @@ class Checkpointer:
         for step in steps:
             args = ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
+                data=DataRestore(data_iter),
             )
             try:
                 restored = self._mngr.restore(step, args=args)
+            except DataLayoutError:
+                raise  # readable, but this run's data layout cannot continue it
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 logging.warning(
                     "checkpoint step %d is incomplete or unreadable, skipped: %s", step, _short(e)
@@ -118,9 +122,7 @@ class Checkpointer:
             return
         self._last_saved = step
         snapshot = _StateSnapshot(data_iter.get_state())
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(snapshot)
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataSave(snapshot))
         self._mngr.save(step, args=args, force=True)
 
     def preemption_reached(self, step: int, local_request: bool) -> bool:
@@ -151,19 +153,6 @@ def checkpoint_step_dir(path: str) -> str:
     if not steps:
         raise FileNotFoundError(f"{path!r} is neither a checkpoint step dir nor holds any")
     return os.path.join(path, str(max(steps)))
-
-
-def restore_params(path: str, abstract_params: Any) -> Any:
-    """The params of one of our checkpoints (`path`: step dir or checkpoint dir), as given by
-    `abstract_params` (ShapeDtypeStructs with shardings); optimizer state is not read."""
-    item_dir = os.path.join(checkpoint_step_dir(path), "state")
-    target = {"params": abstract_params}
-    args = ocp.args.PyTreeRestore(
-        item=target,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True,
-    )
-    return ocp.PyTreeCheckpointer().restore(item_dir, args=args)["params"]
 
 
 class PreemptionGuard:

@@ -1,74 +1,34 @@
-"""The training config: one ml_collections ConfigDict with these sections, validated up front.
+"""The training config: keys, defaults and validation (one ml_collections ConfigDict).
 
-    train       steps, batch_size (global rows), seq_len, grad_accum (micro-batches per step),
-                log_every, seed, nan_policy ("skip": a non-finite step leaves the state unchanged
-                and is counted; "stop": the run also stops, without saving), mtp_lambda (weight of
-                the MTP loss), z_loss (coefficient of mean logsumexp^2), peak_tflops_per_device
-                (MFU denominator; 0 = from the device kind, measured on CPU), prompts and
-                completion_tokens (greedy completions printed at the end), run_steps (stop
-                after this many steps of this invocation, with a checkpoint, as a job with a
-                time limit would; 0 = no limit), loss_chunk (> 0: the heads' cross-entropies
-                over chunks of that many positions per row, never holding the [B, T, vocab]
-                logits; 0 = whole logits)
-    checkpoint  every_steps, keep, dir (relative to the workdir), async_save
-    mesh        data, fsdp, tensor, expert, sequence (one may be -1: the remaining devices);
-                dcn_data, ..., dcn_sequence: the same axes across slices of a multi-slice pod
-                (the mesh axis is then dcn_x * x; default 1)
-    optimizer   lr, schedule ("cosine" | "wsd"), warmup_steps, decay_fraction (WSD: final
-                fraction of steps that decays), min_lr_ratio, b1, b2, eps, weight_decay, clip_norm
-                (0 = off)
-    data        kind ("stdlib" | "text" | "jsonl" | "arrayrecord" | "digits" |
-                "image_jsonl"), path (comma-separated globs),
-                record_format ("text" | "json", ArrayRecord), text_key, max_bytes (stdlib cap),
-                tokenizer ("sentencepiece" | "hf"), tokenizer_path ("" = train a sentencepiece
-                model of vocab_size pieces into the workdir), vocab_size, read_threads,
-                num_shards (virtual data shards, each feeding batch_size / num_shards rows; a
-                host reads only the shards behind its rows; 0 = one per process. Fix it to a
-                multiple of the process count to make the data independent of the host count)
-                Multimodal kinds ("digits": scikit-learn's handwritten digits, captioned "digit
-                7", needs the `digits` extra; its word tokenizer is built in, the tokenizer keys
-                and path are unused. "image_jsonl": JSON-lines image-text documents at `path`,
-                see train/data/image_text.py; tokenizer as for text):
-                patches_per_row (the fixed patch budget of a row, P_row),
-                images_per_row (grid rows per row, G_row); digits only: image_size (digits are
-                upscaled to image_size x image_size), images_per_doc (1: image-caption pairs;
-                k: documents interleaving k images with their captions), eval_examples
-                (held-out images captioned greedily at the end of the run; accuracy printed;
-                0 = none)
-    model       `Qwen35Config.to_dict()` of a preset: Hugging Face field names, e.g.
-                model.text_config.num_hidden_layers, ...full_attention_interval,
-                ...num_experts, ...mtp_num_hidden_layers (the architecture only). Text-only
-                (vision_config None), except with `base_config(..., keep_vision=True)`
-                (multimodal data kinds).
-    runtime     `qwen35_jax.Runtime` fields (how the model runs): compute_dtype, param_dtype,
-                remat_policy, gdn_chunk_size, moe_dispatch, moe_capacity_factor,
-                attention_blocked_min_length, attention_block_q, attention_block_k. The former
-                `model.<field>` keys are refused, naming the new key.
-    init        from_hf (a Hugging Face checkpoint dir: its weights and config.json replace
-                `model`, never `runtime`; its tokenizer.json is used unless
-                data.tokenizer_path is set; fresh optimizer and step), from_checkpoint (one of
-                our orbax checkpoints: a step dir or a checkpoint dir (latest step); params only)
+`base_config` holds every key with its default, documented where it is set; the files in
+configs/ start from it and override (configs/common.py holds the shared pod recipe). Sections:
+train, checkpoint, mesh, optimizer, data, model (the architecture: a preset's
+`Qwen35Config.to_dict()`, Hugging Face field names), runtime (`qwen35_jax.Runtime`: how the model
+runs), init.
 
 `validate` turns every bad value into a `ConfigValueError` naming the dotted key, before any
-compute; `main.py` reports it as a usage error.
+compute; `main.py` reports it as a usage error. The mesh rules (axes, sizes against the devices
+present, the batch axes) are those of `qwen35_jax.mesh` and `qwen35_jax.sharding`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
 import qwen35_jax
+from qwen35_jax import sharding
+from qwen35_jax.mesh import MESH_AXES, mesh_sizes
 
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "wsd")
 MULTIMODAL_KINDS = ("digits", "image_jsonl")
 DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord", *MULTIMODAL_KINDS)
 TOKENIZERS = ("sentencepiece", "hf")
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 _OPTIONAL_INTS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
@@ -106,117 +66,87 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
     c = ml_collections.ConfigDict()
     c.train = dict(
         steps=100,
-        batch_size=8,
+        batch_size=8,  # global rows per step
         seq_len=256,
-        grad_accum=1,
+        grad_accum=1,  # micro-batches per step
         log_every=10,
         seed=0,
+        # "skip": a non-finite step leaves the state unchanged and is counted; "stop": the run
+        # also stops, without saving
         nan_policy="skip",
-        mtp_lambda=0.3,
-        z_loss=0.0,
-        peak_tflops_per_device=0.0,
-        prompts=("def ", "import "),
-        completion_tokens=32,
+        mtp_lambda=0.3,  # weight of the MTP loss
+        z_loss=0.0,  # coefficient of mean logsumexp^2
+        peak_tflops_per_device=0.0,  # MFU denominator; 0 = from the device kind (CPU: measured)
+        prompts=("def ", "import "),  # greedy completions printed at the end of the run
+        completion_tokens=32,  # 0 = no completions
+        # stop after this many steps of this invocation, with a checkpoint (as a job with a time
+        # limit would); 0 = no limit
         run_steps=0,
+        # > 0: the heads' cross-entropies over chunks of that many positions per row, never
+        # holding the [B, T, vocab] logits; 0 = whole logits
         loss_chunk=0,
     )
+    # dir is relative to the workdir
     c.checkpoint = dict(every_steps=100, keep=3, dir="checkpoints", async_save=True)
+    # sizes of the mesh axes (qwen35_jax.mesh); one may be -1 (the remaining devices).
+    # dcn_<axis>: the same axis across slices / nodes (the mesh axis is then dcn_x * x)
     c.mesh = dict(data=1, fsdp=-1, tensor=1, expert=1, sequence=1)
     c.mesh.update({f"dcn_{a}": 1 for a in MESH_AXES})
     c.optimizer = dict(
         lr=3e-4,
-        schedule="cosine",
+        schedule="cosine",  # or "wsd" (warmup, stable, decay)
         warmup_steps=100,
-        decay_fraction=0.2,
+        decay_fraction=0.2,  # WSD: the final fraction of steps that decays
         min_lr_ratio=0.1,
         b1=0.9,
         b2=0.95,
         eps=1e-8,
         weight_decay=0.1,
-        clip_norm=1.0,
+        clip_norm=1.0,  # 0 = off
     )
     c.data = dict(
+        # "stdlib" (the embedded corpus) | "text" | "jsonl" | "arrayrecord" | "digits" (scikit-
+        # learn's handwritten digits, captioned "digit 7"; needs the `digits` extra; its word
+        # tokenizer is built in) | "image_jsonl" (JSON-lines image-text documents at `path`, see
+        # train/data/image_text.py)
         kind="stdlib",
-        path="",
-        record_format="text",
-        text_key="text",
-        max_bytes=3_000_000,
-        tokenizer="sentencepiece",
+        path="",  # comma-separated globs (mounted paths, not URLs)
+        record_format="text",  # ArrayRecord records: "text" | "json"
+        text_key="text",  # the text field of JSON records
+        max_bytes=3_000_000,  # the stdlib corpus cap
+        tokenizer="sentencepiece",  # or "hf" (a tokenizer.json)
+        # "" = train a sentencepiece model of vocab_size pieces into the workdir
         tokenizer_path="",
         vocab_size=1024,
         read_threads=1,
-        num_shards=0,
+        # virtual data shards, each feeding batch_size / num_shards rows: a fixed number, so the
+        # batches do not depend on the process count and a checkpoint resumes on another
+        # topology (train/data/iterator.py); a process builds the shards behind its rows, so on
+        # many hosts make it a multiple of the host count (each host then reads only its rows)
+        num_shards=1,
+        # multimodal kinds: the fixed patch budget of a row (P_row), grid rows per row (G_row)
         patches_per_row=0,
         images_per_row=0,
-        image_size=32,
-        images_per_doc=1,
-        eval_examples=0,
+        image_size=32,  # digits: upscaled to image_size x image_size
+        images_per_doc=1,  # digits: 1 = image-caption pairs; k = k images with their captions
+        eval_examples=0,  # digits: held-out images captioned at the end (accuracy); 0 = none
     )
+    # the architecture: a preset's Qwen35Config.to_dict() (Hugging Face names, e.g.
+    # model.text_config.num_hidden_layers, ...full_attention_interval, ...num_experts); text-only
+    # unless keep_vision (multimodal kinds)
     c.model = model_section(model, keep_vision=keep_vision)
+    # how the model runs: qwen35_jax.Runtime's fields (compute_dtype, param_dtype, remat_policy,
+    # gdn_chunk_size, moe_dispatch, moe_capacity_factor, attention_blocked_min_length,
+    # attention_block_q, attention_block_k; documented in qwen35_jax/runtime.py). The former
+    # model.<field> keys are refused, naming the new key. Never replaced by init.*
     c.runtime = qwen35_jax.Runtime().to_dict()
     c.init = dict(
-        from_hf=config_dict.placeholder(str), from_checkpoint=config_dict.placeholder(str)
-    )
-    return c
-
-
-def pretrain_config(
-    preset: str,
-    *,
-    steps: int,
-    batch_size: int,
-    seq_len: int,
-    lr: float,
-    warmup_steps: int,
-    mesh: dict[str, int],
-    remat_policy: str = "dots_no_batch",
-) -> ml_collections.ConfigDict:
-    """A pod pretraining config for a released preset: bfloat16 compute with float32 params and
-    optimizer state, WSD schedule (10% decay), Qwen's own tokenizer (`data.tokenizer_path`: a
-    directory holding its tokenizer.json), ArrayRecord data (`data.path` must be given), MTP
-    loss weight 0.3, z-loss 1e-4, remat of non-batch dots, the heads' cross-entropies over
-    chunks of 1024 positions (`train.loss_chunk`: no [B, T, vocab] logits in memory).
-
-    The `fsdp: -1` mesh axis absorbs whatever devices are present; keep `train.batch_size`
-    divisible by the batch-sharding axes (data x fsdp x expert). The workdir must be a path
-    shared by all hosts. To continue from released weights instead of starting from scratch,
-    add `--config.init.from_hf=/path/to/checkpoint-dir` (or `init.from_checkpoint` for a
-    converted orbax checkpoint)."""
-    c = base_config(preset)
-    c.runtime.compute_dtype = "bfloat16"
-    c.runtime.remat_policy = remat_policy
-    c.train.update(
-        steps=steps,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        log_every=50,
-        mtp_lambda=0.3,
-        z_loss=1e-4,
-        completion_tokens=0,
-        loss_chunk=1024,
-    )
-    c.optimizer.update(
-        lr=lr,
-        schedule="wsd",
-        warmup_steps=warmup_steps,
-        decay_fraction=0.1,
-        min_lr_ratio=0.01,
-        b1=0.9,
-        b2=0.95,
-        weight_decay=0.1,
-        clip_norm=1.0,
-    )
-    c.checkpoint.update(every_steps=1000, keep=3)
-    c.mesh.update(data=1, fsdp=1, tensor=1, expert=1, sequence=1)
-    c.mesh.update(mesh)
-    c.data.update(
-        kind="arrayrecord",
-        path="",
-        record_format="json",
-        text_key="text",
-        tokenizer="hf",
-        tokenizer_path="",
-        read_threads=16,
+        # a Hugging Face checkpoint dir: its weights and config.json replace `model`; its
+        # tokenizer.json is used unless data.tokenizer_path is set; fresh optimizer and step
+        from_hf=config_dict.placeholder(str),
+        # a converted checkpoint (`hf-to-orbax` output), or one of our orbax checkpoints (a step
+        # dir or a checkpoint dir: its latest step); params only
+        from_checkpoint=config_dict.placeholder(str),
     )
     return c
 
@@ -226,19 +156,20 @@ def _fail(key: str, value: Any, expected: str) -> None:
 
 
 def _choice(c: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
-    value = _get(c, key)
+    value = get_key(c, key)
     if value not in choices:
         _fail(key, value, f"must be one of {choices}")
 
 
 def _positive(c: ml_collections.ConfigDict, *keys: str, allow_zero: bool = False) -> None:
     for key in keys:
-        value = _get(c, key)
+        value = get_key(c, key)
         if not (value >= 0 if allow_zero else value > 0):
             _fail(key, value, "must be >= 0" if allow_zero else "must be > 0")
 
 
-def _get(c: ml_collections.ConfigDict, key: str) -> Any:
+def get_key(c: ml_collections.ConfigDict, key: str) -> Any:
+    """The value of a dotted key, e.g. get_key(config, "data.num_shards")."""
     for part in key.split("."):
         c = c[part]
     return c
@@ -289,6 +220,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "optimizer.lr",
         "data.vocab_size",
         "data.read_threads",
+        "data.num_shards",
     )
     _positive(
         config,
@@ -305,10 +237,15 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "optimizer.eps",
         "optimizer.min_lr_ratio",
         "data.max_bytes",
-        "data.num_shards",
         "data.eval_examples",
         allow_zero=True,
     )
+    if t.batch_size % config.data.num_shards:
+        _fail(
+            "data.num_shards",
+            config.data.num_shards,
+            f"must divide train.batch_size={t.batch_size}",
+        )
     if t.batch_size % t.grad_accum:
         _fail(
             "train.batch_size",
@@ -321,11 +258,11 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
     _choice(config, "data.tokenizer", TOKENIZERS)
     _choice(config, "data.record_format", ("text", "json"))
     for key in ("optimizer.b1", "optimizer.b2"):
-        if not 0.0 <= _get(config, key) < 1.0:
-            _fail(key, _get(config, key), "must be in [0, 1)")
+        if not 0.0 <= get_key(config, key) < 1.0:
+            _fail(key, get_key(config, key), "must be in [0, 1)")
     for key in ("optimizer.decay_fraction", "optimizer.min_lr_ratio"):
-        if not 0.0 <= _get(config, key) <= 1.0:
-            _fail(key, _get(config, key), "must be in [0, 1]")
+        if not 0.0 <= get_key(config, key) <= 1.0:
+            _fail(key, get_key(config, key), "must be in [0, 1]")
     sizes = [config.mesh[a] for a in MESH_AXES]
     for axis, size in zip(MESH_AXES, sizes, strict=True):
         if size == 0 or size < -1:
@@ -387,26 +324,22 @@ def _multimodal_checks(config: ml_collections.ConfigDict) -> None:
 
 def mesh_devices_check(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """The mesh must cover `num_devices` and the micro-batch must split over the batch axes."""
-    sizes = {a: config.mesh[a] for a in MESH_AXES}
+    ici = {a: config.mesh[a] for a in MESH_AXES}
     dcn = {a: config.mesh[f"dcn_{a}"] for a in MESH_AXES}
-    known = 1
-    for a, size in sizes.items():
-        known *= (size if size > 0 else 1) * dcn[a]
-    free = [a for a, s in sizes.items() if s == -1]
-    if (free and num_devices % known) or (not free and known != num_devices):
-        shown = {**sizes, **{f"dcn_{a}": n for a, n in dcn.items() if n != 1}}
+    try:
+        sizes = mesh_sizes(ici, dcn, num_devices)
+    except ValueError:
+        shown = {**ici, **{f"dcn_{a}": n for a, n in dcn.items() if n != 1}}
         _fail("mesh", shown, f"does not fit the {num_devices} devices present")
-    if free:
-        sizes[free[0]] = num_devices // known
-    sizes = {a: n * dcn[a] for a, n in sizes.items()}
-    batch_ways = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    axes = sharding.mesh_axes_of("batch")
+    batch_ways = math.prod(sizes[a] for a in axes)
     micro = config.train.batch_size // config.train.grad_accum
     if micro % batch_ways:
         _fail(
             "train.batch_size",
             config.train.batch_size,
             f"/ train.grad_accum={config.train.grad_accum} must be divisible by the "
-            f"{batch_ways} batch shards (mesh data*fsdp*expert)",
+            f"{batch_ways} batch shards (mesh {'*'.join(axes)})",
         )
 
 

@@ -91,9 +91,9 @@ def main(argv: list[str]) -> None:
         config_schema.validate(config)
         import jax  # noqa: PLC0415
 
-        from qwen35_jax import sharding  # noqa: PLC0415
+        from qwen35_jax import distributed  # noqa: PLC0415
 
-        sharding.initialize_distributed()  # joins the other processes of a multi-host job
+        distributed.initialize_distributed()  # joins the other processes of a multi-host job
         jax.config.update("jax_threefry_partitionable", True)
         config_schema.mesh_devices_check(config, jax.device_count())
     except config_schema.ConfigValueError as e:

@@ -7,11 +7,17 @@ images (vision_start, placeholders, vision_end already expanded) take their patc
 form: pixel_values [P, P_row, F] and image_grid_thw [P, G_row, 3] (zero padded), positions then
 being the 3-D rope index. Every new token
 costs one full forward pass: fine for tiny models at the end of a run; real decoding with caches
-belongs to `qwen35_jax` generation (a later issue).
+belongs to `qwen35_jax` generation (a later issue; `greedy_complete` is the one place to swap).
+
+Multi-process: every process calls this with the same prompts. Under a mesh (`jax.set_mesh`) the
+params may span every process's devices; the prompts enter replicated and each step's tokens come
+out replicated (`out_shardings`), so every process reads the same tokens and no process waits in
+a collective the others never join.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -41,7 +47,10 @@ def greedy_complete(
     for i, p in enumerate(prompts):
         ids_PL[i, : len(p)] = p
 
-    @jax.jit
+    mesh = jax.sharding.get_abstract_mesh()
+    replicated = None if mesh.empty else jax.sharding.PartitionSpec()
+
+    @functools.partial(jax.jit, out_shardings=replicated)
     def next_tokens(params, ids_PL, lengths_P, pixels, grids):
         seg_PL = (jnp.arange(width)[None, :] < lengths_P[:, None]).astype(jnp.int32)
         logits_PLV = qwen35_jax.apply(
@@ -60,9 +69,7 @@ def greedy_complete(
     done = [False] * len(prompts)
     for _ in range(num_tokens):
         toks_P = np.asarray(
-            next_tokens(
-                params, jnp.asarray(ids_PL), jnp.asarray(lengths_P), pixel_values, image_grid_thw
-            )
+            next_tokens(params, ids_PL.copy(), lengths_P.copy(), pixel_values, image_grid_thw)
         )
         for i, tok in enumerate(toks_P):
             if done[i] or (stop_id is not None and tok == stop_id):

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 from flax import linen as nn
 
+from qwen35_jax import sharding
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.attention import GatedAttention
 from qwen35_jax.layers.gated_deltanet import GatedDeltaNet
@@ -69,7 +70,7 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
             mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype, self.param_dtype, name="mlp")
             h_BTD, stats = mlp(h_BTD), {}
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
-        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "activation_embed"))
+        x_BTD = sharding.constrain(x_BTD, ("batch", "length", "activation_embed"))
         return x_BTD, stats
 
 

@@ -2,8 +2,11 @@
 
 sources.py     text files, JSONL and ArrayRecord as random-access record sources
 tokenizers.py  sentencepiece and Hugging Face tokenizer.json behind one small interface
-pipeline.py    shard, shuffle, tokenize (skipping bad records), pack, batch; the iterator
-               whose state is saved with every checkpoint
+input.py       input_pipeline(): decides text vs multimodal once, builds this process's
+               iterator and assembles global batches
+iterator.py    fixed virtual shards -> this process's rows; the iterator whose state is saved
+               with every checkpoint and restores on another process count
+pipeline.py    one shard: shuffle, tokenize (skipping bad records), pack, batch
 stdlib.py      the embedded default corpus: the Python standard library's own sources
 multimodal.py  image-text documents -> tokens with expanded placeholders, a text-only loss
                mask, patches; first-fit packing into rows with a fixed patch budget

@@ -30,8 +30,8 @@ placeholders and its patches always share a row. Every row has static shapes, ze
 This is the per-row form `qwen35_jax.apply` takes (row b's placeholders take row b's patches;
 positions default to the 3-D rope index per document), so micro-batches and data-parallel
 shards along B keep each row's pixels with it. Sharding over hosts, shuffling and the
-checkpointable iterator are those of the text pipeline (pipeline.py: `shards_for_rows`,
-`DataIterator` with `MULTIMODAL_FIELDS`).
+checkpointable iterator are those of the text pipeline (iterator.py: `shard_plan`,
+`DataIterator` with `MULTIMODAL_FIELDS`; input.py builds it).
 """
 
 from __future__ import annotations

@@ -1,0 +1,112 @@
+"""The input pipeline of a run: one function decides text vs multimodal and builds it.
+
+    pipe = input_pipeline(config, prepared, mesh, model_cfg)
+    batch = pipe.next_global_batch()      # {key: jax.Array [B, ...]} sharded over the batch axes
+
+This process loads only the rows its devices hold (`distributed.process_batch_slice`), from the
+virtual shards behind them (iterator.py: `shard_plan`; `data.num_shards`, default 1, does not
+depend on the process count), and `jax.make_array_from_process_local_data` assembles the global
+arrays. `pipe.iterator` is what checkpoints save and restore.
+
+Text kinds: pipeline.py (tokenize, concat-then-split) with keys tokens, segment_ids, positions
+[B, T]. Multimodal kinds: multimodal.py (first-fit packing with a patch budget) with tokens,
+segment_ids, loss_mask [B, T], pixel_values [B, P_row, F], image_grid_thw [B, G_row, 3].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import ml_collections
+
+import qwen35_jax
+from qwen35_jax import distributed
+from train import config_schema
+from train.data.iterator import DataIterator, shard_plan
+from train.data.multimodal import (
+    MULTIMODAL_FIELDS,
+    VisualSpec,
+    batch_shapes,
+    build_multimodal_dataset,
+)
+from train.data.pipeline import TokenizeRecord, build_dataset
+from train.prepare import PreparedData, multimodal_encoder
+from train.state import batch_shardings
+
+
+@dataclasses.dataclass
+class InputPipeline:
+    """This process's iterator, and the global shape and sharding of every batch key."""
+
+    iterator: DataIterator
+    shapes: dict[str, tuple[int, ...]]
+    shardings: dict[str, jax.sharding.NamedSharding]
+
+    def next_global_batch(self) -> dict[str, jax.Array]:
+        host = next(self.iterator)
+        return {
+            k: jax.make_array_from_process_local_data(self.shardings[k], v, self.shapes[k])
+            for k, v in host.items()
+        }
+
+
+def data_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings that fix the global batches (a checkpoint resumes only under the same)."""
+    keys = ["data.kind", "data.num_shards", "train.batch_size", "train.seq_len", "train.seed"]
+    if config.data.kind in config_schema.MULTIMODAL_KINDS:
+        keys += ["data.patches_per_row", "data.images_per_row"]
+    return {k: config_schema.get_key(config, k) for k in keys}
+
+
+def input_pipeline(
+    config: ml_collections.ConfigDict,
+    prepared: PreparedData,
+    mesh: jax.sharding.Mesh,
+    model_cfg: qwen35_jax.Qwen35Config | None = None,
+) -> InputPipeline:
+    """The run's input pipeline on `mesh` (multimodal kinds need `model_cfg` for the special
+    token ids and the patch geometry; default: `config.model`)."""
+    t, d = config.train, config.data
+    rows = distributed.process_batch_slice(mesh, t.batch_size)
+    try:
+        plan = shard_plan(rows, t.batch_size, d.num_shards)
+    except ValueError as e:
+        raise config_schema.ConfigValueError(str(e)) from None
+    common = dict(
+        seq_len=t.seq_len,
+        rows_per_shard=t.batch_size // d.num_shards,
+        seed=t.seed,
+        shard_count=d.num_shards,
+        read_threads=d.read_threads,
+    )
+    if d.kind in config_schema.MULTIMODAL_KINDS:
+        model_cfg = model_cfg or config_schema.model_config(config)
+        spec = VisualSpec.of(model_cfg)
+        encode = multimodal_encoder(config, prepared.tokenizer, spec)
+        datasets = {
+            p.shard: build_multimodal_dataset(
+                prepared.source,
+                encode,
+                patches_per_row=d.patches_per_row,
+                images_per_row=d.images_per_row,
+                shard_index=p.shard,
+                **common,
+            )
+            for p in plan
+        }
+        fields = MULTIMODAL_FIELDS
+        shapes = batch_shapes(
+            t.batch_size, t.seq_len, d.patches_per_row, d.images_per_row, spec.patch_dim
+        )
+    else:
+        encode = TokenizeRecord(prepared.decode, prepared.tokenizer)
+        datasets = {
+            p.shard: build_dataset(prepared.source, encode, shard_index=p.shard, **common)
+            for p in plan
+        }
+        fields = None
+        shapes = {k: (t.batch_size, t.seq_len) for k in ("tokens", "segment_ids", "positions")}
+    iterator = DataIterator(datasets, encode, fields, plan=plan, layout=data_layout(config))
+    return InputPipeline(iterator, shapes, batch_shardings(mesh, shapes))
