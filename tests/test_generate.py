@@ -25,7 +25,7 @@ from qwen35_jax.decode_state import (
 )
 from qwen35_jax.generate import prompt_bucket
 from tests import hf_oracle
-from tests.test_vision import G1, G3, F, build_vl, image_run, text
+from tests.test_vision import G1, G3, IMG, F, build_vl, image_run, text
 
 FAST = {"xla_backend_optimization_level": 0}
 _BUILT: dict[str, tuple] = {}
@@ -83,9 +83,9 @@ def prefill_and_steps(config, params, rows, steps):
     return np.stack(out, axis=1), lengths
 
 
-def full_forward_at(config, params, rows, lengths, steps):
+def full_forward_at(config, params, rows, lengths, steps, t=None):
     """Our full forward over each row's prompt + continuation, at the same positions."""
-    t = max(len(r) for r in rows)
+    t = t or max(len(r) for r in rows)
     ids = np.zeros((len(rows), t), np.int32)
     mask = np.zeros((len(rows), t), np.int32)
     for i, r in enumerate(rows):
@@ -98,13 +98,27 @@ def full_forward_at(config, params, rows, lengths, steps):
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_prefill_then_decode_equals_full_forward(kind, tmp_path_factory):
-    """Ragged prompts ending inside a GDN chunk (37, 20: chunk 64) and at its end (64)."""
+    """Ragged prompts ending inside a GDN chunk (37, 20: chunk 64) and at its end (64).
+
+    Bound: 1e-5 relative, or twice the float32 noise of the full forward itself (each row run
+    alone vs in the batch) where that is larger: on the perturbed MoE model the noise alone is
+    ~1.3e-5 (routing amplifies rounding), on the dense one ~1e-6.
+    """
     model, config, params = pair(kind, tmp_path_factory)
     steps = 5
     rows = prompts_of([37 + steps, 20 + steps, 64 + steps], config.text_config.vocab_size)
     ours, lengths = prefill_and_steps(config, params, rows, steps)
     full, ids, mask = full_forward_at(config, params, rows, lengths, steps)
-    assert rel(ours, full) <= 1e-5
+    alone = np.concatenate(
+        [
+            full_forward_at(config, params, [r], lengths[i : i + 1], steps)[0]
+            for i, r in enumerate(rows)
+        ]
+    )
+    noise = rel(alone, full)
+    assert rel(ours, full) <= max(1e-5, 2 * noise), f"noise of the full forward: {noise:.2e}"
+    if kind == "dense":
+        assert rel(ours, full) <= 1e-5
     hf = hf_oracle.logits(model, ids.astype(np.int64), mask.astype(np.int64))
     idx = lengths[:, None] - 1 + np.arange(steps + 1)[None, :]
     assert rel(ours, np.take_along_axis(hf, idx[..., None], axis=1)) <= 1e-4
@@ -181,7 +195,11 @@ def test_image_prompt_equals_transformers(tmp_path_factory):
     ):
         kw = {}
         if px is not None:
-            kw = dict(pixel_values=torch.tensor(px), image_grid_thw=torch.tensor([g]))
+            kw = dict(
+                pixel_values=torch.tensor(px),
+                image_grid_thw=torch.tensor([g]),
+                mm_token_type_ids=(torch.tensor([p]) == IMG).int(),  # HF's 3-D positions need it
+            )
         tokens, logp = hf_greedy(model, p, n, **kw)
         np.testing.assert_array_equal(np.asarray(out.tokens[i]), tokens, err_msg=f"row {i}")
         np.testing.assert_allclose(np.asarray(out.logprobs[i]), logp, atol=1e-4, rtol=0)
