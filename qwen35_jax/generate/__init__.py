@@ -107,7 +107,7 @@ def _constrain_rows(x: jax.Array) -> jax.Array:
         "stream",
     ),
 )
-def _generate(
+def generate_arrays(
     params,
     ids_BT,
     lengths_B,
@@ -126,6 +126,7 @@ def _generate(
     stop_token_ids: tuple[int, ...],
     stream: Callable | None,
 ) -> GenerateOutput:
+    """The jitted core of `generate`: prompts already padded to a bucket, settings static."""
     ids_BT, lengths_B = _constrain_rows(ids_BT), _constrain_rows(lengths_B)
     b, t = ids_BT.shape
     n = max_new_tokens
@@ -225,7 +226,7 @@ def generate(
         )
     if rng is None:
         rng = jax.random.key(0)
-    return _generate(
+    return generate_arrays(
         params,
         ids_BT,
         lengths_B,
