@@ -25,19 +25,18 @@ from jax import lax
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.decode_state import DecodeState, KVCache, constrain_decode_state
 from qwen35_jax.fusion import VisionInputs, scatter_visual
-from qwen35_jax.layers import moe_dispatch
 from qwen35_jax.layers.attention import attention_mask
 from qwen35_jax.layers.decoder import FULL, LINEAR, DecoderLayer, LayerContext
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import rotary_cos_sin
 from qwen35_jax.model import lm_head_weights
 from qwen35_jax.positions import rope_deltas
+from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.vision import VisionTower, vision_rope_theta
 
 
-def _layer(config: Qwen35Config, kind: str, params: dict, x_BTD, ctx, cache, prefill: bool):
-    dtype, param_dtype = jnp.dtype(config.compute_dtype), jnp.dtype(config.param_dtype)
-    layer = DecoderLayer(config.text_config, kind, config.gdn_chunk_size, dtype, param_dtype)
+def _layer(rt: Runtime, config, kind: str, params: dict, x_BTD, ctx, cache, prefill: bool):
+    layer = DecoderLayer(config.text_config, kind, rt)
     x_BTD, _, cache = layer.apply({"params": params}, x_BTD, ctx, cache, return_cache=prefill)
     return x_BTD, cache
 
@@ -47,7 +46,7 @@ def _pad_slots(cache: KVCache, slots: int) -> KVCache:
     return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad))
 
 
-def _layers(config, params, x_BTD, ctx, state: DecodeState | None, slots: int):
+def _layers(rt, config, params, x_BTD, ctx, state: DecodeState | None, slots: int):
     """All layers; returns (x_BTD, (linear, full, tail) caches). state None: prefill."""
     c = config.text_config
     prefill = state is None
@@ -56,7 +55,7 @@ def _layers(config, params, x_BTD, ctx, state: DecodeState | None, slots: int):
     def gdn_stack(x_BTD, stacked_params, caches):
         def body(x_BTD, inputs):
             layer_params, cache = inputs
-            return _layer(config, LINEAR, layer_params, x_BTD, ctx, cache, prefill)
+            return _layer(rt, config, LINEAR, layer_params, x_BTD, ctx, cache, prefill)
 
         return lax.scan(body, x_BTD, (stacked_params, caches))
 
@@ -68,7 +67,7 @@ def _layers(config, params, x_BTD, ctx, state: DecodeState | None, slots: int):
             if c.full_attention_interval > 1:
                 x_BTD, lin_new = gdn_stack(x_BTD, p_block["linear_layers"], lin_cache)
             x_BTD, full_new = _layer(
-                config, FULL, p_block["full_layer"], x_BTD, ctx, full_cache, prefill
+                rt, config, FULL, p_block["full_layer"], x_BTD, ctx, full_cache, prefill
             )
             if prefill:
                 full_new = _pad_slots(full_new, slots)
@@ -90,29 +89,21 @@ def _rotary(config: Qwen35Config, positions):
     )
 
 
-def _logits(config: Qwen35Config, params: dict, x_BTD: jax.Array) -> jax.Array:
+def _logits(rt: Runtime, config: Qwen35Config, params: dict, x_BTD: jax.Array) -> jax.Array:
     c = config.text_config
-    dtype = jnp.dtype(config.compute_dtype)
-    h_BTD = RMSNorm(c.rms_norm_eps, jnp.dtype(config.param_dtype)).apply(
-        {"params": params["norm"]}, x_BTD
-    )
+    dtype = rt.dtype
+    h_BTD = RMSNorm(c.rms_norm_eps, rt.weights_dtype).apply({"params": params["norm"]}, x_BTD)
     head_DV = lm_head_weights(config, params).astype(dtype)
     return jnp.einsum(
         "btd,dv->btv", h_BTD.astype(dtype), head_DV, preferred_element_type=jnp.float32
     )
 
 
-def _embed(config: Qwen35Config, params: dict, ids_BT, vision: VisionInputs | None):
-    dtype = jnp.dtype(config.compute_dtype)
+def _embed(rt: Runtime, config: Qwen35Config, params: dict, ids_BT, vision):
+    dtype = rt.dtype
     x_BTD = jnp.take(params["embed_tokens"], ids_BT, axis=0).astype(dtype)
     if vision is not None:
-        tower = VisionTower(
-            config.vision_config,
-            vision_rope_theta(config),
-            "none",
-            dtype=dtype,
-            param_dtype=jnp.dtype(config.param_dtype),
-        )
+        tower = VisionTower(config.vision_config, vision_rope_theta(config), rt)
         merged_MD = tower.apply(
             {"params": params["visual"]}, vision.pixels_PF.astype(dtype), vision.layout
         )
@@ -129,13 +120,16 @@ def prefill(
     *,
     positions: jax.Array | None = None,
     vision: VisionInputs | None = None,
+    runtime: Runtime | None = None,
 ) -> tuple[jax.Array, DecodeState]:
     """Logits [B, V] (float32) of each row's last prompt token and the decode state.
 
     ids_BT: prompts right-padded to T; lengths_B: prompt lengths (>= 1); slots: S >= T, the
     attention caches' static length. positions: [B, T] or [3, B, T] (default arange; for
     images `positions.rope_index` of the padded prompts, segment ids = valid tokens).
+    runtime: dtypes, kernel sizes, MoE dispatch (None: `Runtime()`); decode with the same one.
     """
+    rt = resolve(runtime)
     b, t = ids_BT.shape
     if slots < t:
         raise ValueError(f"slots={slots} must be >= the prompt length {t}")
@@ -146,11 +140,10 @@ def prefill(
     pos_3BT = positions if positions.ndim == 3 else jnp.broadcast_to(positions, (3, b, t))
     cos_BTR, sin_BTR = _rotary(config, pos_3BT)
     ctx = LayerContext(seg_BT, cos_BTR, sin_BTR, attention_mask(seg_BT), valid_BT)
-    with moe_dispatch.options(config.moe_dispatch, config.moe_capacity_factor or None):
-        x_BTD = _embed(config, params, ids_BT, vision)
-        x_BTD, caches = _layers(config, params, x_BTD, ctx, None, slots)
+    x_BTD = _embed(rt, config, params, ids_BT, vision)
+    x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, None, slots)
     last_BD = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
-    logits_BV = _logits(config, params, last_BD)[:, 0]
+    logits_BV = _logits(rt, config, params, last_BD)[:, 0]
     state = DecodeState(
         *caches,
         length_B=lengths_B.astype(jnp.int32),
@@ -160,9 +153,15 @@ def prefill(
 
 
 def decode_step(
-    config: Qwen35Config, params: dict, state: DecodeState, ids_BT: jax.Array
+    config: Qwen35Config,
+    params: dict,
+    state: DecodeState,
+    ids_BT: jax.Array,
+    *,
+    runtime: Runtime | None = None,
 ) -> tuple[jax.Array, DecodeState]:
     """Continues every row by the T tokens ids_BT: (logits [B, T, V] float32, new state)."""
+    rt = resolve(runtime)
     b, t = ids_BT.shape
     slots = state.full.k.shape[2] if state.full is not None else 0
     index_BT = state.length_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -170,8 +169,7 @@ def decode_step(
     mask_BTS = jnp.arange(slots)[None, None, :] <= index_BT[:, :, None]
     ones_BT = jnp.ones((b, t), jnp.int32)
     ctx = LayerContext(ones_BT, cos_BTR, sin_BTR, mask_BTS[:, None, None], ones_BT != 0, index_BT)
-    with moe_dispatch.options(config.moe_dispatch, config.moe_capacity_factor or None):
-        x_BTD = _embed(config, params, ids_BT, None)
-        x_BTD, caches = _layers(config, params, x_BTD, ctx, state, slots)
+    x_BTD = _embed(rt, config, params, ids_BT, None)
+    x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, state, slots)
     state = DecodeState(*caches, length_B=state.length_B + t, rope_delta_B=state.rope_delta_B)
-    return _logits(config, params, x_BTD), constrain_decode_state(state)
+    return _logits(rt, config, params, x_BTD), constrain_decode_state(state)

@@ -31,6 +31,7 @@ from qwen35_jax import sharding
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.layers.attention import KVCache
 from qwen35_jax.layers.gated_deltanet import GDNCache
+from qwen35_jax.runtime import Runtime, resolve
 
 
 class DecodeState(NamedTuple):
@@ -41,11 +42,10 @@ class DecodeState(NamedTuple):
     rope_delta_B: jax.Array  # int32 [B]
 
 
-def _gdn_shapes(config: Qwen35Config, lead: tuple[int, ...], batch: int) -> GDNCache:
+def _gdn_shapes(config, dt, lead: tuple[int, ...], batch: int) -> GDNCache:
     c = config.text_config
     w, nk, nv = c.linear_conv_kernel_dim, c.linear_num_key_heads, c.linear_num_value_heads
     kd, vd = c.linear_key_head_dim, c.linear_value_head_dim
-    dt = jnp.dtype(config.compute_dtype)
     s = jax.ShapeDtypeStruct
     return GDNCache(
         s((*lead, batch, w - 1, nk, kd), dt),
@@ -55,34 +55,39 @@ def _gdn_shapes(config: Qwen35Config, lead: tuple[int, ...], batch: int) -> GDNC
     )
 
 
-def abstract_decode_state(config: Qwen35Config, batch: int, max_length: int) -> DecodeState:
+def abstract_decode_state(
+    config: Qwen35Config, batch: int, max_length: int, *, runtime: Runtime | None = None
+) -> DecodeState:
     """Shapes and dtypes (`jax.ShapeDtypeStruct`) of the decode state for `batch` rows and
-    `max_length` cache slots per attention layer."""
+    `max_length` cache slots per attention layer (caches in the runtime's compute dtype)."""
     c = config.text_config
     nb, i, r = c.num_blocks, c.full_attention_interval, c.num_tail_layers
-    dt = jnp.dtype(config.compute_dtype)
+    dt = resolve(runtime).dtype
     kv = jax.ShapeDtypeStruct((nb, batch, max_length, c.num_key_value_heads, c.head_dim), dt)
     row = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return DecodeState(
-        linear=_gdn_shapes(config, (nb, i - 1), batch) if nb and i > 1 else None,
+        linear=_gdn_shapes(config, dt, (nb, i - 1), batch) if nb and i > 1 else None,
         full=KVCache(kv, kv) if nb else None,
-        tail=_gdn_shapes(config, (r,), batch) if r else None,
+        tail=_gdn_shapes(config, dt, (r,), batch) if r else None,
         length_B=row,
         rope_delta_B=row,
     )
 
 
-def decode_state_bytes(config: Qwen35Config, batch: int, max_length: int) -> int:
+def decode_state_bytes(
+    config: Qwen35Config, batch: int, max_length: int, *, runtime: Runtime | None = None
+) -> int:
     """Bytes of the decode state (all layers, all rows), from its shapes alone."""
-    leaves = jax.tree.leaves(abstract_decode_state(config, batch, max_length))
+    leaves = jax.tree.leaves(abstract_decode_state(config, batch, max_length, runtime=runtime))
     return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves))
 
 
-def init_decode_state(config: Qwen35Config, batch: int, max_length: int) -> DecodeState:
+def init_decode_state(
+    config: Qwen35Config, batch: int, max_length: int, *, runtime: Runtime | None = None
+) -> DecodeState:
     """An all-zero state (empty caches, length 0)."""
-    return jax.tree.map(
-        lambda x: jnp.zeros(x.shape, x.dtype), abstract_decode_state(config, batch, max_length)
-    )
+    shapes = abstract_decode_state(config, batch, max_length, runtime=runtime)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
 _GDN_AXES = GDNCache(

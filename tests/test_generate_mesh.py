@@ -22,14 +22,15 @@ MESHES = {
 
 @pytest.fixture(scope="module")
 def setup():
-    config = q.get_config("tiny-moe").replace(gdn_chunk_size=8)
-    params = q.init_params(config, jax.random.key(0))
+    config = q.get_config("tiny-moe")
+    rt = q.Runtime(gdn_chunk_size=8)
+    params = q.init_params(config, jax.random.key(0), runtime=rt)
     prompts = [
         list(np.random.RandomState(i).randint(0, config.text_config.vocab_size, n))
         for i, n in enumerate([3, 9, 14, 5, 11, 2, 8, 16])
     ]
-    kw = dict(max_new_tokens=6, rng=jax.random.key(4), temperature=0.8, top_k=30)
-    greedy = q.generate(config, params, prompts, max_new_tokens=6)
+    kw = dict(max_new_tokens=6, rng=jax.random.key(4), temperature=0.8, top_k=30, runtime=rt)
+    greedy = q.generate(config, params, prompts, max_new_tokens=6, runtime=rt)
     sampled = q.generate(config, params, prompts, **kw)
     return config, params, prompts, kw, greedy, sampled
 
@@ -37,11 +38,12 @@ def setup():
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_sharded_generate_equals_single_device(setup, mesh_name):
     config, params, prompts, kw, greedy, sampled = setup
+    rt = kw["runtime"]
     mesh = sharding.make_mesh(**MESHES[mesh_name])
     param_sh = sharding.logical_to_mesh_sharding(q.abstract_params(config), mesh)
     sharded = jax.device_put(params, param_sh)
     with sharding.use_mesh(mesh):
-        out_g = q.generate(config, sharded, prompts, max_new_tokens=6)
+        out_g = q.generate(config, sharded, prompts, max_new_tokens=6, runtime=rt)
         out_s = q.generate(config, sharded, prompts, **kw)
         lowered = generate_arrays.lower(
             sharded,
@@ -60,6 +62,7 @@ def test_sharded_generate_equals_single_device(setup, mesh_name):
             top_p=1.0,
             stop_token_ids=(),
             stream=None,
+            runtime=rt,
         )
     if mesh.shape["expert"] > 1:  # the MoE layers dispatch by all-to-all in decode too
         assert "all_to_all" in lowered.as_text()

@@ -37,6 +37,7 @@ from qwen35_jax.config import Qwen35Config
 from qwen35_jax.decode import decode_step, prefill
 from qwen35_jax.fusion import check_placeholder_counts, vision_inputs
 from qwen35_jax.positions import rope_index
+from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.sampling import sample
 
 MIN_BUCKET = 16
@@ -105,6 +106,7 @@ def _constrain_rows(x: jax.Array) -> jax.Array:
         "top_p",
         "stop_token_ids",
         "stream",
+        "runtime",
     ),
 )
 def generate_arrays(
@@ -125,6 +127,7 @@ def generate_arrays(
     top_p: float,
     stop_token_ids: tuple[int, ...],
     stream: Callable | None,
+    runtime: Runtime | None = None,
 ) -> GenerateOutput:
     """The jitted core of `generate`: prompts already padded to a bucket, settings static."""
     ids_BT, lengths_B = _constrain_rows(ids_BT), _constrain_rows(lengths_B)
@@ -144,7 +147,14 @@ def generate_arrays(
             segment_ids=seg_BT,
         )
     logits_BV, state = prefill(
-        config, params, ids_BT, lengths_B, slots, positions=positions, vision=vision
+        config,
+        params,
+        ids_BT,
+        lengths_B,
+        slots,
+        positions=positions,
+        vision=vision,
+        runtime=runtime,
     )
     pad = pad_id(config)
     stops_S = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
@@ -177,7 +187,7 @@ def generate_arrays(
     def body(c):
         i, state, out = c
         prev_B1 = lax.dynamic_slice_in_dim(out[0], i - 1, 1, axis=1)
-        logits_B1V, state = decode_step(config, params, state, prev_B1)
+        logits_B1V, state = decode_step(config, params, state, prev_B1, runtime=runtime)
         return i + 1, state, emit(i, logits_B1V[:, 0], *out)
 
     _, _, (tokens_BN, logprobs_BN, _, count_B) = lax.while_loop(
@@ -202,6 +212,7 @@ def generate(
     pixel_values_videos: jax.Array | None = None,
     video_grid_thw: jax.Array | None = None,
     stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> GenerateOutput:
     """Continues every prompt (a list of token ids; ragged lengths) by up to max_new_tokens.
 
@@ -210,6 +221,7 @@ def generate(
     Visual inputs as `forward` takes them, placeholders expanded in the prompts.
     stream(i, tokens_B, done_B): called (on the host) with the i-th token of every row as it
     is chosen (done_B: the rows that had stopped before it; their token is the pad id).
+    runtime: dtypes, kernel sizes, MoE dispatch (`qwen35_jax.Runtime`; None: defaults).
     """
     rows = _check(config, prompts, max_new_tokens, temperature, top_k, top_p)
     lengths_B = np.asarray([len(r) for r in rows], np.int32)
@@ -243,4 +255,5 @@ def generate(
         top_p=float(top_p),
         stop_token_ids=tuple(int(s) for s in stop_token_ids),
         stream=stream,
+        runtime=resolve(runtime),
     )
