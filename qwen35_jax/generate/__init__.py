@@ -17,7 +17,8 @@ Steps, all inside one `jax.jit` (compiled once per prompt bucket, batch and sett
    one of `stop_token_ids`. Step i draws with `fold_in(rng, i)`: a key reproduces the output.
 
 Under a mesh (`sharding.use_mesh`) with sharded parameters the same code runs sharded: rows over
-the batch axes, caches like the activations (`decode_state.constrain_decode_state`).
+the batch axes, caches like the activations (`decode_state.constrain_decode_state`); the outputs
+come back replicated, so every process of a multi-process run reads every row.
 CLI: `python -m qwen35_jax.generate --checkpoint DIR --prompt "..."` (`__main__.py`).
 """
 
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from qwen35_jax import sharding
 from qwen35_jax.config import Qwen35Config
@@ -193,7 +195,11 @@ def generate_arrays(
     _, _, (tokens_BN, logprobs_BN, _, count_B) = lax.while_loop(
         cond, body, (jnp.asarray(1, jnp.int32), state, carry)
     )
-    return GenerateOutput(tokens_BN, count_B, logprobs_BN)
+    out = GenerateOutput(tokens_BN, count_B, logprobs_BN)
+    if jax.sharding.get_abstract_mesh().empty:
+        return out
+    # replicated: every process of a multi-process run can read every row
+    return jax.tree.map(lambda x: lax.with_sharding_constraint(x, P()), out)
 
 
 def generate(
