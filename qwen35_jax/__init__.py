@@ -17,6 +17,10 @@ Public API (stable; later modules and the tests use exactly these names):
     process_images(images, **kw), process_videos(videos, **kw) -> pixel arrays and grids
     expand_placeholders(input_ids, image_grid_thw=..., video_grid_thw=..., ...) -> input ids
     rope_index(config, input_ids, image_grid_thw, video_grid_thw, ...) -> positions [3, B, T]
+    generate(config, params, prompts, *, max_new_tokens, rng=None, temperature=0.0, top_k=0,
+             top_p=1.0, stop_token_ids=(), pixel_values=None, ...) -> GenerateOutput(tokens,
+             lengths, logprobs)                batched prefill + cached decode (generate/)
+    decode_state_bytes(config, batch, max_length) -> bytes of the decode state
 
 Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`):
     B batch           T time (sequence)      S key/source time     D model width (hidden_size)
@@ -34,6 +38,8 @@ from qwen35_jax.config import (
     VisionConfig,
 )
 from qwen35_jax.convert.hf import CheckpointError, load_hf
+from qwen35_jax.decode_state import decode_state_bytes
+from qwen35_jax.generate import GenerateOutput, generate
 from qwen35_jax.model import (
     ModelOutput,
     abstract_params,
@@ -51,6 +57,7 @@ __all__ = [
     "PRESETS",
     "CheckpointError",
     "ConfigError",
+    "GenerateOutput",
     "ModelOutput",
     "Qwen35Config",
     "Runtime",
@@ -58,8 +65,10 @@ __all__ = [
     "VisionConfig",
     "abstract_params",
     "apply",
+    "decode_state_bytes",
     "expand_placeholders",
     "forward",
+    "generate",
     "get_config",
     "init_params",
     "lm_head_weights",

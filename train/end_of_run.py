@@ -5,9 +5,9 @@ held-out captioning accuracy (caption_eval.py).
     for line in report(result): print(line)
 
 Every process runs both (the params may span every process's devices): the decoding is jitted on
-the global sharded params with replicated outputs (sampling.greedy_complete, the one decode loop,
-to be replaced by `qwen35_jax` generation), so every process computes the same numbers and only
-the printing is left to process 0.
+the global sharded params with replicated outputs (sampling.greedy_complete over
+`qwen35_jax.generate`: cached prefill + decode), so every process computes the same numbers and
+only the printing is left to process 0.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ blocks, causal block skipping, flash backward; no [T, S] arrays), used when the 
 segment ids and T >= `runtime.attention_blocked_min_length` (default 1024; block sizes
 `runtime.attention_block_q`, `_block_k`).
 
+Decoding (`KVCache`, static length S): `layer(x, ..., return_cache=True)` (prefill) also returns
+the T tokens' keys and values (after k_norm and rotary); `layer(x, cos, sin, mask, cache=c,
+cache_index_BT=i)` writes the T new tokens' keys and values at cache slots i (per row) and
+attends over all S slots with `mask` [B, 1, 1, T, S] (the caller's: slot s <= i_t).
+
 Parameter names (ours -> Hugging Face `self_attn.*`):
     q_proj [D, N, 2H]   <- q_proj.weight [N*2H, D] (transposed, reshaped)
     k_proj [D, G, H]    <- k_proj.weight;   v_proj [D, G, H] <- v_proj.weight
@@ -22,6 +27,8 @@ Parameter names (ours -> Hugging Face `self_attn.*`):
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +42,29 @@ from qwen35_jax.ops.attention import blocked_attention
 from qwen35_jax.runtime import Runtime
 
 KERNEL_INIT = nn.initializers.normal(0.02)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer, S static slots (after k_norm and rotary)."""
+
+    k: jax.Array  # [B, S, G, H] compute dtype
+    v: jax.Array  # [B, S, G, H]
+
+
+def write_cache(cache: KVCache, k_BTGH: jax.Array, v_BTGH: jax.Array, index_BT: jax.Array):
+    """The cache with slot index_BT[b, t] of row b set to the t-th new key and value."""
+    if k_BTGH.shape[1] == 1:  # one token: an elementwise select (no scatter under sharding)
+        at_BS = jnp.arange(cache.k.shape[1])[None, :] == index_BT
+        at_BS11 = at_BS[:, :, None, None]
+        return KVCache(
+            jnp.where(at_BS11, k_BTGH.astype(cache.k.dtype), cache.k),
+            jnp.where(at_BS11, v_BTGH.astype(cache.v.dtype), cache.v),
+        )
+    rows_B1 = jnp.arange(k_BTGH.shape[0])[:, None]
+    return KVCache(
+        cache.k.at[rows_B1, index_BT].set(k_BTGH.astype(cache.k.dtype)),
+        cache.v.at[rows_B1, index_BT].set(v_BTGH.astype(cache.v.dtype)),
+    )
 
 
 def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -91,8 +121,16 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         sin_BTR: jax.Array,
         mask: jax.Array | None,
         segment_ids_BT: jax.Array | None = None,
-    ) -> jax.Array:
-        """mask [B, 1, 1, T, T] from `attention_mask`; segment_ids_BT enables the blocked path."""
+        cache: KVCache | None = None,
+        cache_index_BT: jax.Array | None = None,
+        *,
+        return_cache: bool = False,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """mask [B, 1, 1, T, T] from `attention_mask`; segment_ids_BT enables the blocked path.
+
+        Decoding (see the module docstring): with `return_cache`, (y, the T tokens' KVCache);
+        with a `cache`, (y, the cache with the new tokens written at `cache_index_BT`).
+        """
         c = self.config
         d, n, g, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         x_BTD = x_BTD.astype(self.dtype)
@@ -119,7 +157,11 @@ class GatedAttention(RuntimeDtypes, nn.Module):
 
         t = x_BTD.shape[1]
         rt = self.runtime
-        if segment_ids_BT is not None and (t >= rt.attention_blocked_min_length or mask is None):
+        new_cache = KVCache(k_BTGH, v_BTGH)
+        if cache is not None:
+            new_cache = write_cache(cache, k_BTGH, v_BTGH, cache_index_BT)
+            out_BTNH = dot_product_attention(q_BTNH, new_cache.k, new_cache.v, mask)
+        elif segment_ids_BT is not None and (t >= rt.attention_blocked_min_length or mask is None):
             out_BTNH = blocked_attention(
                 q_BTNH,
                 k_BTGH,
@@ -136,4 +178,6 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo)
         if c.attention_bias:
             y_BTD = y_BTD + self._bias("o_bias", (d,), ("embed",))[None, None]
+        if cache is not None or return_cache:
+            return y_BTD, new_cache
         return y_BTD

@@ -10,6 +10,11 @@ shared_expert, shared_expert_gate).
 
 `LayerContext` carries what every layer reads besides the residual stream: segment ids, the
 rotary cos/sin, the attention mask and the token-validity mask. The scans broadcast it.
+
+Decoding: `layer(x, ctx, cache)` continues each row from its cache (a `GDNCache` or a `KVCache`;
+`ctx.cache_index_BT` gives the attention cache slots of the new tokens, `ctx.mask` is then
+[B, 1, 1, T, S]) and `layer(x, ctx, return_cache=True)` is a prefill; both return
+(x, stats, new cache). The stacks over layers for decoding live in `qwen35_jax/decode.py`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class LayerContext(NamedTuple):
     sin_BTR: jax.Array
     mask: jax.Array  # [B, 1, 1, T, T] boolean
     valid_BT: jax.Array
+    cache_index_BT: jax.Array | None = None  # decoding: attention cache slots of the T tokens
 
 
 class DecoderLayer(RuntimeDtypes, nn.Module):
@@ -52,15 +58,31 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
     runtime: Runtime = Runtime()
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x_BTD: jax.Array, ctx: LayerContext, cache=None, *, return_cache: bool = False
+    ) -> tuple[jax.Array, dict] | tuple[jax.Array, dict, tuple]:
         c, rt = self.config, self.runtime
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_BTD)
+        decoding = cache is not None or return_cache
+        new_cache = None
         if self.kind == LINEAR:
-            h_BTD = GatedDeltaNet(c, rt, name="linear_attn")(h_BTD, ctx.segment_ids_BT)
+            seg_BT = None if cache is not None else ctx.segment_ids_BT
+            h_BTD = GatedDeltaNet(c, rt, name="linear_attn")(
+                h_BTD, seg_BT, cache, return_cache=return_cache
+            )
         else:
             h_BTD = GatedAttention(c, rt, name="self_attn")(
-                h_BTD, ctx.cos_BTR, ctx.sin_BTR, ctx.mask, segment_ids_BT=ctx.segment_ids_BT
+                h_BTD,
+                ctx.cos_BTR,
+                ctx.sin_BTR,
+                ctx.mask,
+                segment_ids_BT=ctx.segment_ids_BT,
+                cache=cache,
+                cache_index_BT=ctx.cache_index_BT,
+                return_cache=return_cache,
             )
+        if decoding:
+            h_BTD, new_cache = h_BTD
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
 
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_BTD)
@@ -71,6 +93,8 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
             h_BTD, stats = mlp(h_BTD), {}
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
         x_BTD = sharding.constrain(x_BTD, ("batch", "length", "activation_embed"))
+        if decoding:
+            return x_BTD, stats, new_cache
         return x_BTD, stats
 
 

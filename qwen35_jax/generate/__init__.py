@@ -1,0 +1,265 @@
+"""Batched generation: prefill of ragged prompts, then all rows decoded in one jitted loop.
+
+    out = generate(config, params, prompts, max_new_tokens=N, rng=key, temperature=0.0,
+                   top_k=0, top_p=1.0, stop_token_ids=(), pixel_values=None, ...)
+    out.tokens    int32 [B, N]    generated tokens; after a row stops: the pad id (0 if none)
+    out.lengths   int32 [B]       tokens generated per row, the stop token included
+    out.logprobs  float32 [B, N]  log-softmax(logits / temperature) of each chosen token before
+                                  top-k/top-p (temperature 1 when greedy); 0 after a stop
+
+Steps, all inside one `jax.jit` (compiled once per prompt bucket, batch and settings):
+1. The prompts are right-padded to a bucket T (a power of two, >= 16) and prefilled in one pass
+   (`decode.prefill`; attention caches of S = T + N slots, `decode_state.py`). With images or
+   videos (placeholders already expanded, as `expand_placeholders` makes them) the tower runs
+   and the positions are the 3-D rope index; decoding continues them at length + rope_delta.
+2. Token 0 is sampled from the last prompt logits (`sampling.sample`), then a `lax.while_loop`
+   alternates `decode.decode_step` and sampling until N tokens or until every row has emitted
+   one of `stop_token_ids`. Step i draws with `fold_in(rng, i)`: a key reproduces the output.
+
+Under a mesh (`sharding.use_mesh`) with sharded parameters the same code runs sharded: rows over
+the batch axes, caches like the activations (`decode_state.constrain_decode_state`); the outputs
+come back replicated, so every process of a multi-process run reads every row.
+CLI: `python -m qwen35_jax.generate --checkpoint DIR --prompt "..."` (`__main__.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from qwen35_jax import sharding
+from qwen35_jax.config import Qwen35Config
+from qwen35_jax.decode import decode_step, prefill
+from qwen35_jax.fusion import check_placeholder_counts, vision_inputs
+from qwen35_jax.positions import rope_index
+from qwen35_jax.runtime import Runtime, resolve
+from qwen35_jax.sampling import sample
+
+MIN_BUCKET = 16
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array  # int32 [B, N]
+    lengths: jax.Array  # int32 [B]
+    logprobs: jax.Array  # float32 [B, N]
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << (int(length) - 1).bit_length())
+
+
+def pad_id(config: Qwen35Config) -> int:
+    pad = config.text_config.pad_token_id
+    return 0 if pad is None else int(pad)
+
+
+def _check(config, prompts, max_new_tokens, temperature, top_k, top_p) -> list[list[int]]:
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    rows = [[int(t) for t in p] for p in prompts]
+    vocab = config.text_config.vocab_size
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+        if min(row) < 0 or max(row) >= vocab:
+            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab})")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off)")
+    longest = max(len(r) for r in rows) + int(max_new_tokens)
+    limit = config.text_config.max_position_embeddings
+    if longest > limit:
+        raise ValueError(
+            f"prompt + max_new_tokens = {longest} tokens exceeds the model's context "
+            f"max_position_embeddings={limit}"
+        )
+    return rows
+
+
+def _constrain_rows(x: jax.Array) -> jax.Array:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    names = ("batch",) + (None,) * (x.ndim - 1)
+    return lax.with_sharding_constraint(x, sharding.logical_spec(names, x.shape, mesh))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "config",
+        "slots",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "stop_token_ids",
+        "stream",
+        "runtime",
+    ),
+)
+def generate_arrays(
+    params,
+    ids_BT,
+    lengths_B,
+    rng,
+    pixel_values,
+    image_grid_thw,
+    pixel_values_videos,
+    video_grid_thw,
+    *,
+    config: Qwen35Config,
+    slots: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_token_ids: tuple[int, ...],
+    stream: Callable | None,
+    runtime: Runtime | None = None,
+) -> GenerateOutput:
+    """The jitted core of `generate`: prompts already padded to a bucket, settings static."""
+    ids_BT, lengths_B = _constrain_rows(ids_BT), _constrain_rows(lengths_B)
+    b, t = ids_BT.shape
+    n = max_new_tokens
+    vision = vision_inputs(
+        config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+    )
+    positions = None
+    if vision is not None:
+        seg_BT = (jnp.arange(t)[None, :] < lengths_B[:, None]).astype(jnp.int32)
+        positions = rope_index(
+            config,
+            ids_BT,
+            image_grid_thw if vision.replace_images else None,
+            video_grid_thw if vision.replace_videos else None,
+            segment_ids=seg_BT,
+        )
+    logits_BV, state = prefill(
+        config,
+        params,
+        ids_BT,
+        lengths_B,
+        slots,
+        positions=positions,
+        vision=vision,
+        runtime=runtime,
+    )
+    pad = pad_id(config)
+    stops_S = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
+
+    def emit(i, logits_BV, tokens_BN, logprobs_BN, done_B, count_B):
+        tok_B, lp_B = sample(jax.random.fold_in(rng, i), logits_BV, temperature, top_k, top_p)
+        tok_B = jnp.where(done_B, pad, tok_B)
+        lp_B = jnp.where(done_B, 0.0, lp_B)
+        if stream is not None:
+            jax.debug.callback(stream, i, tok_B, done_B, ordered=True)
+        count_B = count_B + (~done_B).astype(jnp.int32)
+        done_B = done_B | jnp.any(tok_B[:, None] == stops_S[None, :], axis=1)
+        tokens_BN = lax.dynamic_update_slice(tokens_BN, tok_B[:, None], (0, i))
+        logprobs_BN = lax.dynamic_update_slice(logprobs_BN, lp_B[:, None], (0, i))
+        return tokens_BN, logprobs_BN, done_B, count_B
+
+    carry = emit(
+        0,
+        logits_BV,
+        jnp.full((b, n), pad, jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b,), bool),
+        jnp.zeros((b,), jnp.int32),
+    )
+
+    def cond(c):
+        i, _, (_, _, done_B, _) = c
+        return (i < n) & ~jnp.all(done_B)
+
+    def body(c):
+        i, state, out = c
+        prev_B1 = lax.dynamic_slice_in_dim(out[0], i - 1, 1, axis=1)
+        logits_B1V, state = decode_step(config, params, state, prev_B1, runtime=runtime)
+        return i + 1, state, emit(i, logits_B1V[:, 0], *out)
+
+    _, _, (tokens_BN, logprobs_BN, _, count_B) = lax.while_loop(
+        cond, body, (jnp.asarray(1, jnp.int32), state, carry)
+    )
+    out = GenerateOutput(tokens_BN, count_B, logprobs_BN)
+    if jax.sharding.get_abstract_mesh().empty:
+        return out
+    # replicated: every process of a multi-process run can read every row
+    return jax.tree.map(lambda x: lax.with_sharding_constraint(x, P()), out)
+
+
+def generate(
+    config: Qwen35Config,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rng: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    pixel_values: jax.Array | None = None,
+    image_grid_thw: jax.Array | None = None,
+    pixel_values_videos: jax.Array | None = None,
+    video_grid_thw: jax.Array | None = None,
+    stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    runtime: Runtime | None = None,
+) -> GenerateOutput:
+    """Continues every prompt (a list of token ids; ragged lengths) by up to max_new_tokens.
+
+    See the module docstring for the outputs and the sampling settings (transformers'
+    semantics: `sampling.py`). rng: a `jax.random.key` (default key 0; only sampling reads it).
+    Visual inputs as `forward` takes them, placeholders expanded in the prompts.
+    stream(i, tokens_B, done_B): called (on the host) with the i-th token of every row as it
+    is chosen (done_B: the rows that had stopped before it; their token is the pad id).
+    runtime: dtypes, kernel sizes, MoE dispatch (`qwen35_jax.Runtime`; None: defaults).
+    """
+    rows = _check(config, prompts, max_new_tokens, temperature, top_k, top_p)
+    lengths_B = np.asarray([len(r) for r in rows], np.int32)
+    t = prompt_bucket(int(lengths_B.max()))
+    ids_BT = np.full((len(rows), t), pad_id(config), np.int32)
+    for i, r in enumerate(rows):
+        ids_BT[i, : len(r)] = r
+    if pixel_values is not None or pixel_values_videos is not None:
+        check_placeholder_counts(
+            config,
+            ids_BT,
+            None if pixel_values is None else image_grid_thw,
+            None if pixel_values_videos is None else video_grid_thw,
+        )
+    if rng is None:
+        rng = jax.random.key(0)
+    return generate_arrays(
+        params,
+        ids_BT,
+        lengths_B,
+        rng,
+        pixel_values,
+        image_grid_thw,
+        pixel_values_videos,
+        video_grid_thw,
+        config=config,
+        slots=t + int(max_new_tokens),
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        stop_token_ids=tuple(int(s) for s in stop_token_ids),
+        stream=stream,
+        runtime=resolve(runtime),
+    )
