@@ -267,6 +267,12 @@ def test_decode_state_shapes_and_bytes(tmp_path_factory):
     assert decode_state_bytes(config, 3, 40) == expected
     big = q.get_config("qwen3.5-397b-a17b")
     assert jax.tree.leaves(abstract_decode_state(big, 1, 4096))  # shapes only, no memory
+    # launch/plan.py counts it per device: rows over the batch axes
+    from launch.plan import decode_state_bytes as per_device  # noqa: PLC0415
+
+    one = dict(data=1, fsdp=1, tensor=1, expert=1, sequence=1)
+    assert per_device(big, 8, 4352, one) == decode_state_bytes(big, 8, 4352) == 3_702_128_704
+    assert per_device(big, 8, 4352, one | dict(fsdp=8)) * 8 == decode_state_bytes(big, 8, 4352)
 
 
 @pytest.mark.parametrize(
