@@ -1,4 +1,5 @@
-"""`python -m qwen35_jax.generate` on a Hugging Face checkpoint and on its converted (orbax) copy:
+"""`python -m qwen35_jax.generate` on a Hugging Face checkpoint, its converted (orbax) copy and a
+training workdir:
 the streamed text is the tokenizer's decoding of `generate`'s tokens; bad input gives one named
 `error:` line (exit 2, no traceback)."""
 
@@ -6,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +120,26 @@ def test_bad_input_is_one_named_error(checkpoint, capsys, args, message):
 def test_directory_without_a_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(capsys, "--checkpoint", str(tmp_path), "--prompt", "w1")
     assert code == 2 and "no config.json" in err
+
+
+def test_training_workdir(tmp_path, capsys):
+    """A 2-step run of configs/tiny_cpu.py: its latest checkpoint and sentencepiece tokenizer."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    workdir = str(tmp_path / "run")
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.main",
+        f"--workdir={workdir}",
+        f"--config={os.path.join(root, 'configs', 'tiny_cpu.py')}",
+        "--config.train.steps=2",
+        "--config.train.completion_tokens=0",
+    ]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code, out, err = run_cli(
+        capsys, "--checkpoint", workdir, "--prompt", "def main(", "--max_new_tokens", "6"
+    )
+    assert code == 0, err
+    assert "tokens/s]" in err

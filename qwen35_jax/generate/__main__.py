@@ -78,7 +78,7 @@ def load_checkpoint(path: str):
         )
     cfg = _read_json(cfg_path)
     if "model" in cfg and "train" in cfg:  # a training workdir
-        from train.checkpointing import restore_params  # noqa: PLC0415
+        from train.init import params_from_training_checkpoint  # noqa: PLC0415
 
         config = q.Qwen35Config.from_dict(cfg["model"])
         runtime = q.Runtime.from_dict(cfg.get("runtime", {}))
@@ -89,7 +89,7 @@ def load_checkpoint(path: str):
             jax.eval_shape(lambda: q.init_params(config, jax.random.key(0), runtime=runtime)),
         )
         try:
-            params = restore_params(ckpt_dir, abstract)
+            params = params_from_training_checkpoint(ckpt_dir, abstract)
         except FileNotFoundError as e:
             raise CliError(f"--checkpoint {path}: {e}") from None
         return config, runtime, params, _workdir_tokenizer(path, cfg), None
