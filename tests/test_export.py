@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import qwen35_jax
-from train.checkpointing import restore_params
+from train.init import params_from_training_checkpoint as restore_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")

@@ -60,7 +60,7 @@ def steps_on_disk(workdir, name="checkpoints"):
 
 
 def param_leaves_finite(step_dir):
-    from train.checkpointing import restore_params  # noqa: PLC0415
+    from train.init import params_from_training_checkpoint as restore_params  # noqa: PLC0415
 
     with open(os.path.join(os.path.dirname(os.path.dirname(step_dir)), "config.json")) as f:
         cfg = qwen35_jax.Qwen35Config.from_dict(json.load(f)["model"])

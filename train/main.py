@@ -27,6 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file (see configs/).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_CHECK = flags.DEFINE_bool(
+    "check_config", False, "Validate the config and overrides, print one line and exit (no JAX)."
+)
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Expected failures also print their traceback (and library logs)."
 )
@@ -103,7 +106,8 @@ def config_help(argv: list[str]) -> str:
                 lines.append(f"    --config.{prefix}{key}={value!r}")
 
     walk(config, "")
-    lines += ["", "Flags: --workdir=DIR (required), --config=FILE[:VARIANT], --verbose"]
+    lines += ["", "Flags: --workdir=DIR (required), --config=FILE[:VARIANT], --check_config,"]
+    lines += ["       --verbose (tracebacks of expected failures)"]
     return "\n".join(lines)
 
 
@@ -157,6 +161,12 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_schema.validate(config)
+        if _CHECK.value:
+            print(
+                f"config ok: {config.model.text_config.num_hidden_layers} layers, "
+                f"train.steps={config.train.steps}, workdir {_WORKDIR.value}"
+            )
+            return
         import jax  # noqa: PLC0415
 
         from qwen35_jax import distributed  # noqa: PLC0415
