@@ -118,3 +118,15 @@ def test_cli_refuses_unusable_data_in_one_line_without_hanging(tmp_path):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "5 records: no key 'text'" in errors[0], r.stderr[-3000:]
+
+
+def test_a_corrupt_array_record_file_is_named(tmp_path):
+    bad = tmp_path / "b.array_record"
+    bad.write_bytes(bytes(range(256)) * 20)
+    c = config(kind="arrayrecord", path=str(tmp_path / "*.array_record"))
+    with pytest.raises(config_schema.ConfigValueError, match="not a readable ArrayRecord file"):
+        try:
+            prepare.prepare_data(c, str(tmp_path / "run"))
+        except config_schema.ConfigValueError as e:
+            assert str(bad) in str(e)
+            raise

@@ -279,7 +279,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
         return _prepare_multimodal(config, workdir)
     try:
         source = open_source(data.kind, data.path, max_bytes=data.max_bytes)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
     check_usable(source, data)
     decode = partial(decode_record, record_format=_record_format(data), text_key=data.text_key)

@@ -118,8 +118,22 @@ def open_source(kind: str, path: str, *, max_bytes: int = 0):
     if kind == "jsonl":
         return JsonlSource(files)
     if kind == "arrayrecord":
-        return grain.sources.ArrayRecordDataSource(files)
+        return _array_record_source(files)
     raise ValueError(f"data.kind={kind!r} must be one of {KINDS}")
+
+
+def _array_record_source(files: list[str]):
+    """grain's ArrayRecord source, or a ValueError naming the first file that does not open."""
+    try:
+        return grain.sources.ArrayRecordDataSource(files)
+    except Exception:  # noqa: BLE001 - find and name the unreadable file
+        for path in files:
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except Exception as e:  # noqa: BLE001
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{path}: not a readable ArrayRecord file ({reason})") from None
+        raise
 
 
 def decode_record(raw: bytes | None, record_format: str, text_key: str) -> str | None:
