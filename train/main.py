@@ -12,6 +12,7 @@ checkpoint. The keys are documented in train/config_schema.py.
 from __future__ import annotations
 
 import difflib
+import errno
 import inspect
 import logging as std_logging
 import os
@@ -195,6 +196,13 @@ def main(argv: list[str]) -> None:
         if _VERBOSE.value:
             raise
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _VERBOSE.value:
+            raise
+        sys.exit(
+            f"error: no space left writing {e.filename or 'to the workdir'} ({e.strerror}); the "
+            "last complete checkpoint is kept: free space and rerun the same command to resume"
+        )
     except KeyboardInterrupt:
         sys.exit("interrupted (second Ctrl-C): not saved; the last checkpoint is kept")
 
