@@ -11,6 +11,8 @@ expert, one MTP layer, a 384-piece tokenizer. The tests run it through the CLI w
 
 from train.config_schema import base_config
 
+VARIANTS = ("moe", "dense")  # train.main refuses any other `:variant`
+
 
 def get_config(variant: str = "moe"):
     c = base_config("tiny-moe" if variant == "moe" else "tiny")

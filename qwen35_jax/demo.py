@@ -1,6 +1,6 @@
-"""A two-second tour: build a tiny random Qwen3.5, run it, and count the eight presets.
+"""A short tour: build a tiny random Qwen3.5, run it, and count the eight presets.
 
-    python -m qwen35_jax.demo
+    python -m qwen35_jax.demo      # about half a minute on 2 CPU cores, mostly compilation
 
 Prints the logits of the tiny hybrid model (3 Gated DeltaNet layers + 1 attention layer per
 block) for a short prompt, then the parameter count of every released preset, computed with

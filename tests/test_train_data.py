@@ -129,8 +129,19 @@ def test_json_records_skip_bad_json_and_missing_keys():
         b'{"text": "beta"}',
     ]
     it = make_iterator(records, seq_len=6, rows=1, record_format="json")
-    rows_of(it, 3)
+    rows = rows_of(it, 6)
     assert it.skipped >= 3
+    # exactly the two string documents reach the rows ({"text": 5} is not a document)
+    text = "".join(chr(t - 3) if t != EOS else "|" for r in rows for t in r["tokens"])
+    complete = text.split("|")[1:-1]  # whole documents (the ends may be cut by the rows)
+    assert complete and set(complete) <= {"alpha", "beta"}, complete
+    assert [decode_record(r, "json", "text") for r in records] == [
+        "alpha",
+        None,
+        None,
+        None,
+        "beta",
+    ]
 
 
 def test_per_host_shards_are_disjoint_and_cover_the_data():

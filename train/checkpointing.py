@@ -1,9 +1,10 @@
 """Checkpoints with orbax: async saves, keep-k, resume from the latest complete one, SIGTERM.
 
-Layout: `<workdir>/<checkpoint.dir>/<step>/{state, data}`: `state` is the TrainState (params,
-optimizer state, step, skipped count; orbax StandardSave), `data` the input iterator state
-(train/data/iterator.py's handler: one JSON file per process, restored from all of them,
-so a checkpoint resumes on another process count), both captured at the moment `save` is called.
+Layout: `<workdir>/<checkpoint.dir>/<step>/{state, data, integrity}`: `state` is the TrainState
+(params, optimizer state, step, skipped count; orbax StandardSave), `data` the input iterator
+state (train/data/iterator.py's handler: one JSON file per process, restored from all of them,
+so a checkpoint resumes on another process count), both captured at the moment `save` is
+called, and `integrity` (JSON) the per-array checksums of `state` (train/integrity.py).
 
 Safety:
   * orbax writes a step into a temporary directory and renames it when complete, and deletes
@@ -13,7 +14,13 @@ Safety:
     that do not restore are moved to `<dir>.incomplete/` with a warning, and the run resumes
     from the newest step that restores. If no step restores the run stops with an error rather
     than silently starting over (the likely cause is a changed model config).
-  * `PreemptionGuard` turns SIGTERM into a flag; the loop then saves and exits cleanly.
+  * A state with NaN/Inf is never saved (`NonFiniteStateError`). After a restore the checksums
+    are recomputed on the devices: a step whose arrays no longer match what was saved (bytes
+    flipped on disk that still decode), or that holds NaN/Inf, is moved to `<dir>.corrupt/`
+    with one warning line and the run falls back to the previous step. Steps are only ever
+    moved aside after an older one has restored intact, so the last good checkpoint stays.
+  * `PreemptionGuard` turns SIGTERM and Ctrl-C (SIGINT) into a flag; the loop then saves and
+    exits cleanly.
 """
 
 from __future__ import annotations
@@ -21,15 +28,26 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from train import integrity
 from train.data.iterator import DataLayoutError, DataRestore, DataSave
 
 _TMP_MARKER = ".orbax-checkpoint-tmp"
+_INTEGRITY = "integrity"
+
+
+class NonFiniteStateError(RuntimeError):
+    """A save was asked for a state holding NaN/Inf; nothing was written."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """The workdir holds checkpoints but none restores (changed config, or all corrupt)."""
 
 
 class _StateSnapshot:
@@ -65,10 +83,10 @@ class Checkpointer:
         )
         return ocp.CheckpointManager(self.directory, options=options)
 
-    def _set_aside(self, name: str) -> None:
+    def _set_aside(self, name: str, kind: str = "incomplete") -> None:
         if jax.process_index() != 0:
             return
-        aside = f"{self.directory}.incomplete"
+        aside = f"{self.directory}.{kind}"
         os.makedirs(aside, exist_ok=True)
         target = os.path.join(aside, name)
         if os.path.exists(target):
@@ -88,13 +106,17 @@ class Checkpointer:
         """
         steps = sorted(self._mngr.all_steps(), reverse=True)
         failed: list[tuple[int, str]] = []
+        corrupt: list[int] = []
         for step in steps:
-            args = ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=DataRestore(data_iter),
-            )
+            items = {
+                "state": ocp.args.StandardRestore(abstract_state),
+                "data": DataRestore(data_iter),
+            }
+            has_sums = os.path.isdir(os.path.join(self.directory, str(step), _INTEGRITY))
+            if has_sums:
+                items[_INTEGRITY] = ocp.args.JsonRestore()
             try:
-                restored = self._mngr.restore(step, args=args)
+                restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
             except DataLayoutError:
                 raise  # readable, but this run's data layout cannot continue it
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped
@@ -103,13 +125,22 @@ class Checkpointer:
                 )
                 failed.append((step, _short(e)))
                 continue
+            problem = _verify(restored.state, restored[_INTEGRITY] if has_sums else None)
+            if problem:
+                warn(
+                    f"warning: checkpoint step {step} is corrupt ({problem}); moved to "
+                    f"{self.directory}.corrupt/{step}, falling back to an older step"
+                )
+                failed.append((step, problem))
+                corrupt.append(step)
+                continue
             for bad, _ in failed:
-                self._set_aside(str(bad))
+                self._set_aside(str(bad), "corrupt" if bad in corrupt else "incomplete")
             if failed:
                 self._mngr = self._manager()
             return restored.state, step
         if failed:
-            raise RuntimeError(
+            raise NoUsableCheckpointError(
                 f"no checkpoint in {self.directory} restores (tried steps "
                 f"{[s for s, _ in failed]}); the newest failed with: {failed[0][1]}. A changed "
                 "model or optimizer config cannot resume these; use a new workdir."
@@ -120,9 +151,19 @@ class Checkpointer:
         """Starts an async save of `state` and the iterator's current position at `step`."""
         if step == self._last_saved or step in self._mngr.all_steps():
             return
+        finite, sums = integrity.digest(state)
+        if not finite:
+            raise NonFiniteStateError(
+                f"step {step}: the train state holds NaN/Inf; not saved (the last checkpoint, "
+                f"step {self.latest_step()}, is kept)"
+            )
         self._last_saved = step
         snapshot = _StateSnapshot(data_iter.get_state())
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataSave(snapshot))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=DataSave(snapshot),
+            **{_INTEGRITY: ocp.args.JsonSave({"finite": finite, "checksums": sums})},
+        )
         self._mngr.save(step, args=args, force=True)
 
     def preemption_reached(self, step: int, local_request: bool) -> bool:
@@ -138,6 +179,26 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def warn(line: str) -> None:
+    """One line on stderr (process 0): a recoverable problem the user should know about."""
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _verify(state: Any, saved: dict | None) -> str | None:
+    """What is wrong with a restored state (None: sound): NaN/Inf, or checksums that differ
+    from the ones written at save time (`saved`; None for checkpoints written without)."""
+    finite, sums = integrity.digest(state)
+    if saved is not None:
+        bad = integrity.mismatches(saved["checksums"], sums)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            return f"checksum mismatch in {', '.join(bad[:3])}{more}"
+    if not finite:
+        return "NaN/Inf in the restored arrays"
+    return None
 
 
 def _short(e: BaseException) -> str:
@@ -156,16 +217,20 @@ def checkpoint_step_dir(path: str) -> str:
 
 
 class PreemptionGuard:
-    """Context manager: SIGTERM sets `requested` (the loop saves and exits) instead of killing."""
+    """Context manager: SIGTERM or Ctrl-C (SIGINT) sets `requested` (the loop saves and exits)
+    instead of killing; a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.requested = False
         self._signals = signals
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         del frame
-        logging.warning("received signal %d: saving a checkpoint and exiting", signum)
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        warn(f"received {name}: saving a checkpoint after this step and exiting")
         self.requested = True
 
     def __enter__(self) -> PreemptionGuard:

@@ -292,7 +292,27 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             "cannot be combined with init.from_hf",
         )
     runtime_config(config)
-    return model_config(config)
+    model = model_config(config)
+    check_seq_len_has_targets(config, model)
+    return model
+
+
+def check_seq_len_has_targets(
+    config: ml_collections.ConfigDict, model: qwen35_jax.Qwen35Config
+) -> None:
+    """train.seq_len must leave a target for every head in use: the next token (offset 1) and,
+    with an MTP head (model.text_config.mtp_num_hidden_layers > 0, train.mtp_lambda > 0), the
+    token after it (offset 2): seq_len >= 2, or >= 3 with MTP."""
+    with_mtp = model.text_config.mtp_num_hidden_layers > 0 and config.train.mtp_lambda > 0
+    need = 3 if with_mtp else 2
+    if config.train.seq_len < need:
+        heads = "next-token and MTP (token after next)" if with_mtp else "next-token"
+        _fail(
+            "train.seq_len",
+            config.train.seq_len,
+            f"leaves no targets for the {heads} head{'s' * with_mtp}: must be >= {need}"
+            + (" (or set train.mtp_lambda=0)" if with_mtp else ""),
+        )
 
 
 def _multimodal_checks(config: ml_collections.ConfigDict) -> None:

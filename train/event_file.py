@@ -3,7 +3,10 @@
 Neither tensorboard, tensorboardX nor TensorFlow is a dependency, so this writes the format
 directly: a TFRecord stream (length, masked CRC32C, payload, masked CRC32C) of `Event` protocol
 buffers, hand-encoded:
-    Event   {1: wall_time double, 2: step int64, 3: file_version string, 5: summary Summary}
+    Event   {1: wall_time double, 2: step int64, 3: file_version string, 5: summary Summary,
+             6: session_log SessionLog}
+    SessionLog {1: status enum (1 = START)}: TensorBoard drops the earlier events of steps >=
+             this event's step (a resumed run replays the steps after its checkpoint)
     Summary {1: repeated Value};  Value {1: tag string, 2: simple_value float}
 TensorBoard reads the file written to `<workdir>/tensorboard/events.out.tfevents.*`.
 """
@@ -98,12 +101,18 @@ def frame_record(data: bytes) -> bytes:
 class EventFileWriter:
     """Appends scalar summaries to a fresh events file in `logdir`."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, restart_step: int | None = None):
+        """`restart_step`: the first step this writer will log again (a resumed run); earlier
+        files' events from that step on are superseded (a SessionLog START at that step)."""
         os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
         self.path = os.path.join(logdir, name)
         self._f = open(self.path, "ab")  # noqa: SIM115 - closed in close()
         self._f.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
+        if restart_step is not None:
+            start = _field_bytes(6, _varint(1 << 3 | 0) + _varint(1))  # session_log START
+            event = encode_event(time.time(), restart_step) + start
+            self._f.write(frame_record(event))
         self._f.flush()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

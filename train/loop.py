@@ -34,15 +34,20 @@ from qwen35_jax import sharding
 from train import config_schema, end_of_run, flops, init
 from train.checkpointing import Checkpointer, PreemptionGuard
 from train.data.input import InputPipeline, input_pipeline
+from train.divergence import (
+    DivergedError,
+    DivergenceMonitor,
+    NonFiniteLossError,
+    cause,
+    skipped_save_note,
+)
 from train.metrics import MetricsLogger
 from train.optimizer import make_optimizer
-from train.prepare import prepare_data
+from train.prepare import describe, prepare_data, write_atomic
 from train.state import TrainState, abstract_state, init_state
 from train.step import make_train_step
 
-
-class NonFiniteLossError(RuntimeError):
-    """nan_policy="stop" met a NaN/Inf loss or gradient; the last checkpoint is intact."""
+__all__ = ["DivergedError", "NonFiniteLossError", "run"]
 
 
 def _say(*args: Any) -> None:
@@ -62,7 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     except BaseException as e:
         if jax.process_count() == 1 or isinstance(e, (SystemExit, KeyboardInterrupt)):
             raise
-        if isinstance(e, (NonFiniteLossError, config_schema.ConfigValueError)):
+        if isinstance(e, (NonFiniteLossError, DivergedError, config_schema.ConfigValueError)):
             print(f"error: {e}", file=sys.stderr, flush=True)
         else:
             traceback.print_exc()
@@ -74,10 +79,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     t = config.train
     os.makedirs(workdir, exist_ok=True)
     prepared = prepare_data(config, workdir)
-    _say(_describe_data(prepared.stats))
+    _say(describe(prepared.stats))
     model_cfg, runtime = init.model_config(config), config_schema.runtime_config(config)
     _check_vocab(model_cfg, prepared.tokenizer.vocab_size)
-    _write_resolved_config(config, model_cfg, workdir)
 
     mesh = mesh_lib.mesh_from_config(config.mesh)
     tx, schedule = make_optimizer(config.optimizer, t.steps)
@@ -92,10 +96,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     if restored is not None:
         state, start = restored
         _say(f"resumed from checkpoint step {start} in {ckpt.directory}")
+        if start >= t.steps:
+            _say(f"already finished: step {start} of train.steps={t.steps}; nothing to train")
     else:
         params = init.initial_params(config, model_cfg, abstract.params)
         rng = jax.random.key(t.seed)
         state, start = init_state(model_cfg, tx, mesh, rng, params, runtime=runtime), 0
+    _write_resolved_config(config, model_cfg, workdir)  # after the restore: a refused run keeps it
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
 
@@ -105,18 +112,22 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
-    logger = _metrics_logger(config, model_cfg, runtime, workdir)
+    logger = _metrics_logger(config, model_cfg, runtime, workdir, start)
     stop_at = min(t.steps, start + t.run_steps) if t.run_steps else t.steps
+    monitor = DivergenceMonitor(t.nan_policy)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
         state, step, rows, preempted = _steps(
-            config, step_fn, state, pipe, ckpt, logger, start, stop_at, guard
+            config, step_fn, state, pipe, ckpt, logger, start, stop_at, guard, monitor
         )
-    ckpt.save(step, state, pipe.iterator)
+    saved = monitor.can_save()  # never a checkpoint of a state every batch has failed on
+    if saved:
+        ckpt.save(step, state, pipe.iterator)
+    kept = f"checkpoint saved at step {step}" if saved else skipped_save_note(ckpt.latest_step())
     ckpt.close()
     logger.close()
     elapsed = time.perf_counter() - t0
-    summary = _summary(config, prepared.stats, start, step, rows, elapsed, preempted)
+    summary = _summary(config, prepared.stats, start, step, rows, elapsed, preempted, kept)
     if preempted or step < t.steps:
         return summary
     result = end_of_run.evaluate(config, model_cfg, runtime, state.params, prepared.tokenizer, mesh)
@@ -136,6 +147,7 @@ def _summary(
     rows: list[dict[str, Any]],
     elapsed: float,
     preempted: bool,
+    kept: str,
 ) -> dict[str, Any]:
     """The run's summary (returned by `run`), and its line on the console."""
     summary = {
@@ -147,10 +159,9 @@ def _summary(
         "unigram_entropy": stats["unigram_entropy_nats"],
     }
     if preempted:
-        _say(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
+        _say(f"preempted: {kept}; rerun the same command to resume")
     elif step < config.train.steps:
-        runs = config.train.run_steps
-        _say(f"stopped after train.run_steps={runs}: checkpoint saved at step {step}")
+        _say(f"stopped after train.run_steps={config.train.run_steps}: {kept}")
     elif rows:
         summary["final_loss"] = float(rows[-1]["loss"])  # mean over the last logging interval
         _say(
@@ -161,21 +172,10 @@ def _summary(
 
 
 def _write_resolved_config(config: ml_collections.ConfigDict, model_cfg: Any, workdir: str) -> None:
-    """<workdir>/config.json: the config as run, `model` the model actually built."""
+    """<workdir>/config.json (atomically): the config as run, `model` the model actually built."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_schema.resolved_json(config, model_cfg))
-
-
-def _describe_data(stats: dict[str, Any]) -> str:
-    line = (
-        f"data: {stats['records']} records, {stats['tokens']:,} tokens sampled; unigram entropy "
-        f"{stats['unigram_entropy_nats']:.3f} nats/token ({stats['unigram_entropy_bits']:.2f} "
-        "bits)"
-    )
-    if "images" in stats:
-        line += f"; {stats['images']:,} images, {stats['patches']:,} patches"
-    return line
+        path = os.path.join(workdir, "config.json")
+        write_atomic(path, config_schema.resolved_json(config, model_cfg))
 
 
 def _check_vocab(model_cfg: Any, tokenizer_size: int) -> None:
@@ -188,7 +188,7 @@ def _check_vocab(model_cfg: Any, tokenizer_size: int) -> None:
 
 
 def _metrics_logger(
-    config: ml_collections.ConfigDict, model_cfg: Any, runtime: Any, workdir: str
+    config: ml_collections.ConfigDict, model_cfg: Any, runtime: Any, workdir: str, start: int
 ) -> MetricsLogger:
     t = config.train
     tokens = t.batch_size * t.seq_len
@@ -203,6 +203,7 @@ def _metrics_logger(
         flops_per_step=float(flops_per_step),
         peak_flops=peak * jax.device_count() if peak else None,
         enabled=jax.process_index() == 0,
+        resume_step=start,
     )
 
 
@@ -216,6 +217,7 @@ def _steps(
     start: int,
     stop_at: int,
     guard: PreemptionGuard,
+    monitor: DivergenceMonitor,
 ) -> tuple[TrainState, int, list[dict[str, Any]], bool]:
     """Steps `start` -> `stop_at` (or a preemption); (state, step, logged rows, preempted)."""
     t = config.train
@@ -227,26 +229,22 @@ def _steps(
         loss, finite = jax.device_get((metrics["loss"], metrics["finite"]))
         if finite:
             window.append(float(loss))
-        if done_step % t.log_every and done_step != stop_at and finite:
-            return
+            monitor.record(done_step, True)
+            if done_step % t.log_every and done_step != stop_at:
+                return
         host = jax.device_get(metrics)
         extra = {"loss_last": float(host["loss"]), "data_skipped": pipe.iterator.skipped}
         if window:
             host["loss"] = np.mean(window)  # the mean over the logging interval
         window.clear()
         rows.append(logger.log(done_step, host, extra))
-        if not finite:
-            _say(
-                f"step {done_step}: non-finite loss or gradient; update skipped "
-                f"({int(host['skipped'])} so far)"
-            )
-            if t.nan_policy == "stop":
+        if not finite:  # divergence.py: skip, or stop naming the step
+            _say(f"step {done_step}: {cause(host)}; update skipped ({int(host['skipped'])} so far)")
+            try:
+                monitor.record(done_step, False, host, ckpt.latest_step())
+            except (NonFiniteLossError, DivergedError):
                 ckpt.close()
-                raise NonFiniteLossError(
-                    f"step {done_step}: loss or gradient is NaN/Inf (train.nan_policy='stop'); "
-                    f"stopping without saving; the last checkpoint ({ckpt.latest_step()}) is "
-                    "intact"
-                )
+                raise
 
     step, pending, preempted = start, None, False
     while step < stop_at:
@@ -256,7 +254,10 @@ def _steps(
             drain(*pending)
         pending = (step, metrics)
         if step % config.checkpoint.every_steps == 0:
-            ckpt.save(step, state, pipe.iterator)
+            drain(*pending)  # a save needs this step's verdict (divergence.py)
+            pending = None
+            if monitor.can_save():
+                ckpt.save(step, state, pipe.iterator)
         if ckpt.preemption_reached(step, guard.requested):
             preempted = True
             break

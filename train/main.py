@@ -12,9 +12,13 @@ checkpoint. The keys are documented in train/config_schema.py.
 from __future__ import annotations
 
 import difflib
+import errno
+import inspect
+import logging as std_logging
 import os
 import runpy
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,6 +28,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file (see configs/).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+_CHECK = flags.DEFINE_bool(
+    "check_config", False, "Validate the config and overrides, print one line and exit (no JAX)."
+)
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Expected failures also print their traceback (and library logs)."
+)
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -57,8 +67,59 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _config_file_and_variant(argv: list[str]) -> tuple[str, str]:
+    path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    file, _, variant = (path or _DEFAULT_CONFIG).partition(":")
+    return file, variant
+
+
+def check_variant(argv: list[str]) -> str | None:
+    """Why `--config=FILE:VARIANT` names no variant of FILE (its `VARIANTS`), else None."""
+    file, variant = _config_file_and_variant(argv)
+    if not variant or not os.path.isfile(file):
+        return None
+    module = runpy.run_path(file)
+    known = module.get("VARIANTS")
+    if not inspect.signature(module["get_config"]).parameters:
+        return f"--config={file}:{variant}: {file} has no variants (drop ':{variant}')"
+    if known is not None and variant not in known:
+        return f"--config={file}:{variant}: unknown variant {variant!r}; known: {', '.join(known)}"
+    return None
+
+
+def config_help(argv: list[str]) -> str:
+    """Usage, then every config key with its default (the chosen --config file's values),
+    grouped by section."""
+    file, variant = _config_file_and_variant(argv)
+    get_config = runpy.run_path(file)["get_config"]
+    config = get_config(variant) if variant else get_config()
+    lines = [__doc__.strip(), "", f"Config keys (defaults of {os.path.relpath(file)}"]
+    lines[-1] += f":{variant}):" if variant else "):"
+
+    def walk(node: Any, prefix: str) -> None:
+        for key in sorted(node.keys()):
+            value = node[key]
+            if hasattr(value, "keys") and value is not None:
+                if not prefix:
+                    lines.append(f"  [{key}]")
+                walk(value, f"{prefix}{key}.")
+            else:
+                lines.append(f"    --config.{prefix}{key}={value!r}")
+
+    walk(config, "")
+    lines += ["", "Flags: --workdir=DIR (required), --config=FILE[:VARIANT], --check_config,"]
+    lines += ["       --verbose (tracebacks of expected failures)"]
+    return "\n".join(lines)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that reports bad config overrides as one clean line."""
+    if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
+        print(config_help([a for a in argv if a not in ("--help", "-h")]))
+        sys.exit(0)
+    bad_variant = check_variant(argv)
+    if bad_variant:
+        sys.exit(f"error: {bad_variant}")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -68,9 +129,21 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: {reason}")
 
 
+def _quiet_abandoned_coroutines(unraisable: Any) -> None:
+    """Drops the "Exception ignored in: <coroutine ...>" tracebacks of orbax's reads left behind
+    by a failed restore (reported once by the checkpointer); other ones print as usual."""
+    if inspect.iscoroutine(unraisable.object):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present:
+    if not flags.FLAGS["verbosity"].present and not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        # a failed restore leaves orbax's sibling reads as "Task exception was never
+        # retrieved" tracebacks; the checkpointer reports the failure itself, in one line
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+        sys.unraisablehook = _quiet_abandoned_coroutines
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
@@ -89,6 +162,12 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         config_schema.validate(config)
+        if _CHECK.value:
+            print(
+                f"config ok: {config.model.text_config.num_hidden_layers} layers, "
+                f"train.steps={config.train.steps}, workdir {_WORKDIR.value}"
+            )
+            return
         import jax  # noqa: PLC0415
 
         from qwen35_jax import distributed  # noqa: PLC0415
@@ -99,12 +178,33 @@ def main(argv: list[str]) -> None:
     except config_schema.ConfigValueError as e:
         sys.exit(f"error: invalid config: {e}")
 
-    from train import loop  # noqa: PLC0415
+    from train import loop, workdir_lock  # noqa: PLC0415
+    from train.checkpointing import NoUsableCheckpointError  # noqa: PLC0415
 
     try:
-        loop.run(config, _WORKDIR.value)
-    except (loop.NonFiniteLossError, config_schema.ConfigValueError) as e:
+        with workdir_lock.hold(
+            _WORKDIR.value, process_index=jax.process_index(), processes=jax.process_count()
+        ):
+            loop.run(config, _WORKDIR.value)
+    except (
+        loop.NonFiniteLossError,
+        loop.DivergedError,
+        config_schema.ConfigValueError,
+        NoUsableCheckpointError,
+        workdir_lock.WorkdirLockedError,
+    ) as e:
+        if _VERBOSE.value:
+            raise
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _VERBOSE.value:
+            raise
+        sys.exit(
+            f"error: no space left writing {e.filename or 'to the workdir'} ({e.strerror}); the "
+            "last complete checkpoint is kept: free space and rerun the same command to resume"
+        )
+    except KeyboardInterrupt:
+        sys.exit("interrupted (second Ctrl-C): not saved; the last checkpoint is kept")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """Rewrites `path` (atomically) without the rows of steps > `step`, when it has any."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    if len(keep) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 class MetricsLogger:
     """Writes logged steps to the console, `<workdir>/metrics.jsonl` and `<workdir>/tensorboard`."""
 
@@ -51,7 +71,11 @@ class MetricsLogger:
         flops_per_step: float,
         peak_flops: float | None,
         enabled: bool = True,
+        resume_step: int = 0,
     ):
+        """`resume_step`: the step the run starts from; rows of later steps left by a run that
+        crashed after its last checkpoint are dropped from metrics.jsonl (the steps are trained
+        and logged again) and TensorBoard is told to supersede them."""
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
@@ -60,8 +84,12 @@ class MetricsLogger:
         self._last: tuple[int, float] | None = None  # (step, time) of the last logged step
         self._rate: float | None = None  # seconds per step
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._events = EventFileWriter(os.path.join(workdir, "tensorboard"))
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_rows_after(path, resume_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115
+            logdir = os.path.join(workdir, "tensorboard")
+            restart = resume_step + 1 if os.path.isdir(logdir) else None
+            self._events = EventFileWriter(logdir, restart_step=restart)
 
     def log(
         self, step: int, metrics: dict[str, Any], extra: dict[str, float] | None = None

@@ -37,7 +37,7 @@ from train import config_schema
 from train.data import digits
 from train.data.image_text import ImageTextJsonl, document_text
 from train.data.multimodal import EncodeExample, VisualSpec
-from train.data.sources import decode_record, open_source
+from train.data.sources import decode_record, decode_with_reason, open_source
 from train.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from train.tokenizer import train_sentencepiece
 
@@ -74,8 +74,17 @@ def _tokenizer(
     data: ml_collections.ConfigDict, workdir: str, from_hf: str | None, source, decode
 ) -> Tokenizer:
     if data.tokenizer_path:
-        return load_tokenizer(data.tokenizer, data.tokenizer_path)
+        try:
+            return load_tokenizer(data.tokenizer, data.tokenizer_path)
+        except (OSError, ValueError) as e:
+            raise config_schema.ConfigValueError(f"data.tokenizer_path: {e}") from None
     if from_hf:
+        if not os.path.isfile(os.path.join(from_hf, "tokenizer.json")):
+            raise config_schema.ConfigValueError(
+                f"{os.path.join(from_hf, 'tokenizer.json')} does not exist: the checkpoint of "
+                "init.from_hf has no tokenizer; set data.tokenizer_path (and data.tokenizer) to "
+                "the tokenizer its weights were trained with"
+            )
         return load_tokenizer("hf", from_hf)
     path = os.path.join(workdir, "tokenizer", "spm.model")
     if jax.process_index() == 0 and not os.path.exists(path):
@@ -87,15 +96,91 @@ def _tokenizer(
     return load_tokenizer("sentencepiece", path)
 
 
+def _reasons_text(reasons: collections.Counter[str] | dict[str, int]) -> str:
+    return ", ".join(
+        f"{n} record{'s' * (n != 1)}: {why}"
+        for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])
+    )
+
+
+def check_usable(source: Any, data: ml_collections.ConfigDict) -> None:
+    """Refuses (ConfigValueError naming data.path and why) a source without a single usable
+    record, before a tokenizer is trained or a step runs; stops at the first usable record."""
+    reasons: collections.Counter[str] = collections.Counter()
+    fmt = _record_format(data)
+    for i in range(len(source)):
+        text, why = decode_with_reason(source[i], fmt, data.text_key)
+        if text is not None:
+            return
+        reasons[why] += 1
+    what = f"data.path={data.path!r}" if data.path else f"data.kind={data.kind!r}"
+    if not reasons:
+        raise config_schema.ConfigValueError(f"{what}: no records ({source!r})")
+    key = f" (data.text_key={data.text_key!r})" if fmt == "json" else ""
+    raise config_schema.ConfigValueError(
+        f"{what}: no usable records in {source!r}{key}: {_reasons_text(reasons)}"
+    )
+
+
+def describe(stats: dict[str, Any]) -> str:
+    """The console `data:` line: records, tokens, skipped records and why, unigram entropy."""
+    skipped = stats.get("records_skipped", 0)
+    why = stats.get("skip_reasons") or {}
+    line = f"data: {stats['records']} records"
+    if skipped:
+        line += f" ({skipped} skipped" + (f": {_reasons_text(why)})" if why else ")")
+    line += (
+        f", {stats['tokens']:,} tokens sampled; unigram entropy "
+        f"{stats['unigram_entropy_nats']:.3f} nats/token ({stats['unigram_entropy_bits']:.2f} bits)"
+    )
+    if "images" in stats:
+        line += f"; {stats['images']:,} images, {stats['patches']:,} patches"
+    return line
+
+
+def _load_or_compute_stats(path: str, compute: Any) -> dict[str, Any]:
+    """`data_stats.json` (computed once; written atomically); an unreadable one is named in a
+    warning and recomputed."""
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                stats = json.load(f)
+            if isinstance(stats, dict) and "tokens" in stats:
+                return stats
+            problem = "not a statistics record"
+        except (OSError, ValueError) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if jax.process_index() == 0:
+            print(f"warning: {path} is unreadable ({problem}); recomputing it", flush=True)
+    stats = compute()
+    if jax.process_index() == 0:
+        write_atomic(path, json.dumps(stats, indent=1))
+    return stats
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes `path` whole or not at all (a temporary file beside it, then one rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def _corpus_stats(source: Any, decode: Any, tokenizer: Tokenizer) -> dict[str, Any]:
     counts: collections.Counter[int] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
     docs = skipped = total = 0
     for i in range(len(source)):
-        text = decode(source[i])
+        text, why = decode(source[i])
         if text is None:
             skipped += 1
+            reasons[why] += 1
             continue
         ids = tokenizer.encode(text)
+        if not ids:
+            skipped += 1
+            reasons["no tokens"] += 1
+            continue
         counts.update(ids)
         counts[tokenizer.eos_id] += 1
         docs += 1
@@ -107,6 +192,7 @@ def _corpus_stats(source: Any, decode: Any, tokenizer: Tokenizer) -> dict[str, A
         "records": len(source),
         "documents_read": docs,
         "records_skipped": skipped,
+        "skip_reasons": dict(reasons),
         "tokens": total,
         "unigram_entropy_nats": entropy,
         "unigram_entropy_bits": entropy / math.log(2),
@@ -173,15 +259,10 @@ def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> Prep
             f"model.image_token_id / vision_start_token_id / vision_end_token_id {spec.special_ids}"
             f" must lie above the tokenizer's {tokenizer.vocab_size} ids"
         )
-    stats_path = os.path.join(workdir, "data_stats.json")
-    if os.path.exists(stats_path):
-        with open(stats_path) as f:
-            stats = json.load(f)
-    else:
-        stats = _multimodal_stats(source, multimodal_encoder(config, tokenizer, spec))
-        if jax.process_index() == 0:
-            with open(stats_path, "w") as f:
-                json.dump(stats, f, indent=1)
+    stats = _load_or_compute_stats(
+        os.path.join(workdir, "data_stats.json"),
+        lambda: _multimodal_stats(source, multimodal_encoder(config, tokenizer, spec)),
+    )
     if stats["documents_read"] == 0:
         raise config_schema.ConfigValueError(
             f"no document of {source!r} fits an empty row: train.seq_len="
@@ -196,16 +277,23 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
     data = config.data
     if data.kind in config_schema.MULTIMODAL_KINDS:
         return _prepare_multimodal(config, workdir)
-    source = open_source(data.kind, data.path, max_bytes=data.max_bytes)
+    try:
+        source = open_source(data.kind, data.path, max_bytes=data.max_bytes)
+    except (FileNotFoundError, ValueError) as e:
+        raise config_schema.ConfigValueError(str(e)) from None
+    check_usable(source, data)
     decode = partial(decode_record, record_format=_record_format(data), text_key=data.text_key)
     tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, decode)
-    stats_path = os.path.join(workdir, "data_stats.json")
-    if os.path.exists(stats_path):
-        with open(stats_path) as f:
-            stats = json.load(f)
-    else:
-        stats = _corpus_stats(source, decode, tokenizer)
-        if jax.process_index() == 0:
-            with open(stats_path, "w") as f:
-                json.dump(stats, f, indent=1)
+    with_reason = partial(
+        decode_with_reason, record_format=_record_format(data), text_key=data.text_key
+    )
+    stats = _load_or_compute_stats(
+        os.path.join(workdir, "data_stats.json"),
+        lambda: _corpus_stats(source, with_reason, tokenizer),
+    )
+    if stats["documents_read"] == 0:
+        raise config_schema.ConfigValueError(
+            f"data.path={data.path!r}: no record of {source!r} gives any token with this "
+            f"tokenizer ({_reasons_text(stats.get('skip_reasons') or {})})"
+        )
     return PreparedData(source, decode, tokenizer, stats)

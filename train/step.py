@@ -17,14 +17,16 @@ whole-batch CE, z- and MTP losses, so for them accumulation changes memory, not 
 MoE aux loss is a product of batch means (fraction routed x mean router probability), so it is
 averaged over the micro-batches' aux losses instead, as per-micro-batch trainers do.
 
-Non-finite guard: when the objective or the gradient norm is NaN/Inf the new params and
-optimizer state are discarded (the state is unchanged but for `step` and `skipped`). With
+Non-finite guard: when the objective or the gradient norm is NaN/Inf, or the update itself
+would put NaN/Inf into the new parameters or optimizer moments (a too-large learning rate can do
+that from finite gradients), the new params and optimizer state are discarded (the state is
+unchanged but for `step` and `skipped`; metric `update_finite` tells the two causes apart). With
 `nan_policy="stop"` the loop also stops; either way no non-finite value reaches the state, so
-the last checkpoint stays good.
+no checkpoint ever holds one (train/divergence.py stops a run that keeps skipping).
 
 Metrics (scalars unless noted): loss (main next-token CE), mtp_loss, z_loss (coefficient x mean
-logsumexp^2), lse_sq (mean logsumexp^2), aux_loss (unscaled),
-objective, grad_norm (before clipping), lr, finite, skipped, tokens (targets counted),
+logsumexp^2), lse_sq (mean logsumexp^2), aux_loss (unscaled), objective, grad_norm (before
+clipping), lr, finite, update_finite, skipped, tokens (targets counted),
 expert_load [L, E] (MoE only; fraction of top-k assignments per expert per layer).
 """
 
@@ -40,6 +42,7 @@ import optax
 
 import qwen35_jax
 from train import losses
+from train.integrity import all_finite
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -156,9 +159,10 @@ def make_train_step(
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        update_finite = all_finite((new_params, new_opt_state))
+        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm) & update_finite
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
             step=state.step + 1,
@@ -176,6 +180,7 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": schedule(state.step - state.skipped),  # the optimizer's update count
             "finite": finite,
+            "update_finite": update_finite,
             "skipped": new_state.skipped,
             "tokens": n_main,
         }

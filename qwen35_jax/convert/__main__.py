@@ -3,6 +3,8 @@
     python -m qwen35_jax.convert hf-to-orbax --hf_dir DIR --out DIR [--dtype bfloat16|float32]
         [--mesh fsdp=64,expert=8]      # chunk the arrays so no chunk spans two devices' shards
     python -m qwen35_jax.convert orbax-to-hf --ckpt DIR --out DIR [--max_shard_bytes N]
+        [--dtype bfloat16|float32]     # DIR: a converted checkpoint, or a train.main workdir
+                                       # (its newest step) or step dir (WORKDIR/checkpoints/N)
 
 Exits 0 on success; on a bad checkpoint or config prints one message (every missing,
 unexpected or mis-shaped key, every unreadable shard by file name) and exits 1, leaving no
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -39,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--max_shard_bytes", type=int, default=None)
+    b.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: the source dtypes (converted) or the stored float32 (train.main)",
+    )
     b.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -48,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     from qwen35_jax.convert.safetensors_io import SafetensorsError
     from qwen35_jax.sharding import parse_mesh
 
+    def stop(signum, frame):  # SIGTERM: unwind, so the partial output is removed
+        del frame
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         if args.command == "hf-to-orbax":
             mesh = parse_mesh(args.mesh) if args.mesh else None
@@ -64,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 max_shard_bytes=args.max_shard_bytes or orbax_io.DEFAULT_SHARD_BYTES,
                 progress=not args.no_progress,
+                dtype=args.dtype,
             )
     except (
         CheckpointError,
@@ -75,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'Ctrl-C'}): the partial output was removed", file=sys.stderr)
+        return 130
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -366,18 +366,90 @@ def restore_params(
 
 
 # ---------------------------------------------------------------- orbax -> hf
+def write_hf_shards(
+    tmp: str,
+    rule_list: list[Rule],
+    open_leaf: Any,
+    dtype_of: Any,
+    max_shard_bytes: int,
+    bar: Progress | None,
+) -> None:
+    """Rebuilds every Hugging Face tensor of `rule_list` into safetensors shards in `tmp`, plus
+    `model.safetensors.index.json`. `open_leaf(path)` gives a tensorstore of one leaf (read one
+    stacked entry at a time), `dtype_of(key, joined)` the output dtype: memory about one shard."""
+    weight_map: dict[str, str] = {}
+    shard: list[tuple[str, np.ndarray]] = []
+    shard_bytes = 0
+    names: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        if not shard:
+            return
+        name = f"model-{len(names) + 1:05d}.safetensors"
+        write_safetensors(os.path.join(tmp, name), shard)
+        names.append(name)
+        for k, _ in shard:
+            weight_map[k] = name
+        shard, shard_bytes = [], 0
+
+    total_size = 0
+    stores: dict[Path, Any] = {}
+    for r in rule_list:
+        parts = []
+        for pc in r.pieces:
+            if pc.path not in stores:
+                stores[pc.path] = open_leaf(pc.path)
+            view = stores[pc.path][pc.index] if pc.index else stores[pc.path]
+            parts.append(pc.to_hf(np.asarray(view.read().result())))
+        joined = r.join(parts)
+        tensor = np.ascontiguousarray(joined.astype(dtype_of(r.key, joined)))
+        if tuple(tensor.shape) != r.shape:
+            raise CheckpointError(f"internal: {r.key} has shape {tensor.shape}")
+        if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+            flush()
+            _release()
+        shard.append((r.key, tensor))
+        shard_bytes += tensor.nbytes
+        total_size += tensor.nbytes
+        if bar:
+            bar.update(1, tensor.nbytes)
+    flush()
+    if bar:
+        bar.close()
+    # rename model-0000i.safetensors -> model-0000i-of-0000n.safetensors
+    n = len(names)
+    final = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(names)}
+    for old, new in final.items():
+        os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+    index = {
+        "metadata": {"total_size": total_size},
+        "weight_map": {k: final[v] for k, v in weight_map.items()},
+    }
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+
+
 def orbax_to_hf(
     ckpt_dir: str | os.PathLike,
     out: str | os.PathLike,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> str:
-    """Write config.json, safetensors shards and their index from a `hf_to_orbax` checkpoint.
+    """Write config.json, safetensors shards and their index from a `hf_to_orbax` checkpoint,
+    or from a `train.main` checkpoint (a workdir or one of its step directories; see
+    `trainer_export.py`).
 
     Tensors take their source dtype and layout (recorded in convert.json), so hf -> orbax -> hf
-    is bit-identical whenever the orbax dtype can hold the source values.
+    is bit-identical whenever the orbax dtype can hold the source values; `dtype` ('bfloat16' or
+    'float32') casts every tensor instead.
     """
     ckpt_dir, out = os.fspath(ckpt_dir), os.fspath(out)
+    if not is_converted_checkpoint(ckpt_dir):
+        from qwen35_jax.convert import trainer_export  # noqa: PLC0415
+
+        return trainer_export.export(ckpt_dir, out, max_shard_bytes, progress, dtype)
     meta = read_meta(ckpt_dir)
     config = Qwen35Config.from_hf(ckpt_dir)
     rule_list = hf_rules(
@@ -386,66 +458,23 @@ def orbax_to_hf(
         fused_experts=meta["fused_experts"],
         vision_prefix=meta["vision_prefix"],
     )
-    by_leaf: dict[Path, list[Rule]] = {}
-    for r in rule_list:
-        by_leaf.setdefault(r.pieces[0].path, []).append(r)
     src = meta["source_dtypes"]
-    total = sum(int(np.prod(r.shape)) * DTYPES[src.get(r.key, "F32")].itemsize for r in rule_list)
+    cast = np.dtype(dtype) if dtype else None
+    total = sum(
+        int(np.prod(r.shape)) * (cast or DTYPES[src.get(r.key, "F32")]).itemsize for r in rule_list
+    )
     bar = Progress("orbax-to-hf", len(rule_list), total) if progress else None
+    params_dir = os.path.join(ckpt_dir, "params")
+
+    def open_leaf(path: Path) -> Any:
+        return leaf_store(params_dir, path, (), np.dtype("f4"), 0, False)
+
+    def dtype_of(key: str, joined: np.ndarray) -> np.dtype:
+        return cast or (DTYPES[src[key]] if key in src else joined.dtype)
+
     tmp = atomic_dir(out)
     try:
-        weight_map: dict[str, str] = {}
-        shard: list[tuple[str, np.ndarray]] = []
-        shard_bytes = 0
-        names: list[str] = []
-
-        def flush() -> None:
-            nonlocal shard, shard_bytes
-            if not shard:
-                return
-            name = f"model-{len(names) + 1:05d}.safetensors"
-            write_safetensors(os.path.join(tmp, name), shard)
-            names.append(name)
-            for k, _ in shard:
-                weight_map[k] = name
-            shard, shard_bytes = [], 0
-
-        total_size = 0
-        params_dir = os.path.join(ckpt_dir, "params")
-        stores: dict[Path, Any] = {}
-        for r in rule_list:
-            parts = []
-            for pc in r.pieces:
-                if pc.path not in stores:
-                    stores[pc.path] = leaf_store(params_dir, pc.path, (), np.dtype("f4"), 0, False)
-                view = stores[pc.path][pc.index] if pc.index else stores[pc.path]
-                parts.append(pc.to_hf(np.asarray(view.read().result())))
-            dt = DTYPES[src[r.key]] if r.key in src else parts[0].dtype
-            tensor = np.ascontiguousarray(r.join(parts).astype(dt))
-            if tuple(tensor.shape) != r.shape:
-                raise CheckpointError(f"internal: {r.key} has shape {tensor.shape}")
-            if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
-                flush()
-                _release()
-            shard.append((r.key, tensor))
-            shard_bytes += tensor.nbytes
-            total_size += tensor.nbytes
-            if bar:
-                bar.update(1, tensor.nbytes)
-        flush()
-        if bar:
-            bar.close()
-        # rename model-0000i.safetensors -> model-0000i-of-0000n.safetensors
-        n = len(names)
-        final = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(names)}
-        for old, new in final.items():
-            os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
-        index = {
-            "metadata": {"total_size": total_size},
-            "weight_map": {k: final[v] for k, v in weight_map.items()},
-        }
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
+        write_hf_shards(tmp, rule_list, open_leaf, dtype_of, max_shard_bytes, bar)
         shutil.copy(os.path.join(ckpt_dir, "config.json"), os.path.join(tmp, "config.json"))
         copy_side_files(ckpt_dir, tmp)
         finish(tmp, out)
@@ -466,4 +495,5 @@ __all__ = [
     "orbax_to_hf",
     "restore_params",
     "shard_shapes",
+    "write_hf_shards",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -163,13 +164,41 @@ def write_orbax_metadata(params_dir: str, paths: list[Path]) -> None:
 
 
 def atomic_dir(out: str) -> str:
-    """A fresh `<out>.tmp-XXXX` beside `out` to write into (refuses an existing `out`)."""
+    """A fresh `<out>.tmp-<pid>-XXXX` beside `out` to write into (refuses an existing `out`).
+
+    Leftovers `<out>.tmp-<pid>-*` of converters that died (SIGKILL, power loss: the process
+    `pid` no longer exists) are removed first, with one line on stderr each."""
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; remove it or choose another --out")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+    remove_stale_temporaries(out)
+    return tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.tmp-{os.getpid()}-", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: str) -> list[str]:
+    """Removes `<out>.tmp-<pid>-*` directories whose process is gone; returns their paths."""
+    parent, base = os.path.dirname(out), os.path.basename(out) + ".tmp-"
+    removed = []
+    for name in os.listdir(parent):
+        pid = name[len(base) :].split("-", 1)[0] if name.startswith(base) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            path = os.path.join(parent, name)
+            shutil.rmtree(path, ignore_errors=True)
+            sys.stderr.write(f"removed {path}: left by converter process {pid}, which is gone\n")
+            removed.append(path)
+    return removed
 
 
 def finish(tmp: str, out: str) -> None:

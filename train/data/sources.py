@@ -9,7 +9,7 @@ A record is raw bytes, or None when it cannot be read (the pipeline skips and co
     kind "stdlib"       "text" over the Python standard library's *.py files (see stdlib.py)
 
 `path` may hold several comma-separated globs. `decode_record` turns a raw record into the
-document text, returning None for an empty or malformed record.
+document text, returning None for an empty or malformed record (`decode_with_reason` says why).
 """
 
 from __future__ import annotations
@@ -105,26 +105,63 @@ def open_source(kind: str, path: str, *, max_bytes: int = 0):
         return FileSource(stdlib_files(path or None, max_bytes=max_bytes))
     files = list_files(path)
     if not files:
+        dirs = [p.strip() for p in path.split(",") if os.path.isdir(os.path.expanduser(p.strip()))]
+        if dirs:
+            ext = {"jsonl": "*.jsonl", "arrayrecord": "*.array_record"}.get(kind, "*.txt")
+            raise FileNotFoundError(
+                f"data.path={path!r} is a directory; give a glob of its files, like "
+                f"{os.path.join(dirs[0], ext)!r} (or {os.path.join(dirs[0], '**', ext)!r})"
+            )
         raise FileNotFoundError(f"data.path={path!r} matches no files")
     if kind == "text":
         return FileSource(files)
     if kind == "jsonl":
         return JsonlSource(files)
     if kind == "arrayrecord":
-        return grain.sources.ArrayRecordDataSource(files)
+        return _array_record_source(files)
     raise ValueError(f"data.kind={kind!r} must be one of {KINDS}")
+
+
+def _array_record_source(files: list[str]):
+    """grain's ArrayRecord source, or a ValueError naming the first file that does not open."""
+    try:
+        return grain.sources.ArrayRecordDataSource(files)
+    except Exception:  # noqa: BLE001 - find and name the unreadable file
+        for path in files:
+            try:
+                grain.sources.ArrayRecordDataSource([path])
+            except Exception as e:  # noqa: BLE001
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise ValueError(f"{path}: not a readable ArrayRecord file ({reason})") from None
+        raise
 
 
 def decode_record(raw: bytes | None, record_format: str, text_key: str) -> str | None:
     """The document text of a raw record, or None (unreadable, not UTF-8, bad JSON, empty)."""
+    return decode_with_reason(raw, record_format, text_key)[0]
+
+
+def decode_with_reason(
+    raw: bytes | None, record_format: str, text_key: str
+) -> tuple[str | None, str | None]:
+    """(document text, None), or (None, why the record is unusable: "unreadable", "not UTF-8",
+    "not JSON", "no key 'text'", "'text' is not a string", "not a JSON object", "empty")."""
     if raw is None:
-        return None
+        return None, "unreadable"
     try:
         text = raw.decode("utf-8")
-        if record_format == "json":
-            text = json.loads(text)[text_key]
-            if not isinstance(text, str):
-                return None
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-        return None
-    return text if text.strip() else None
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    if record_format == "json":
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return None, "not JSON"
+        if not isinstance(obj, dict):
+            return None, "not a JSON object"
+        if text_key not in obj:
+            return None, f"no key {text_key!r}"
+        text = obj[text_key]
+        if not isinstance(text, str):
+            return None, f"{text_key!r} is not a string"
+    return (text, None) if text.strip() else (None, "empty")
