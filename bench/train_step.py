@@ -44,6 +44,7 @@ import numpy as np
 
 import qwen35_jax
 from qwen35_jax import sharding
+from qwen35_jax.hf_config import to_hf as config_to_hf
 from train.config_schema import base_config
 from train.optimizer import make_optimizer
 from train.state import init_state
@@ -130,7 +131,7 @@ def torch_step(cfg, batch_np):
     import torch
     import transformers
 
-    hf = cfg.to_hf()
+    hf = config_to_hf(cfg)
     moe = cfg.is_moe
     conf_cls = transformers.Qwen3_5MoeTextConfig if moe else transformers.Qwen3_5TextConfig
     model_cls = transformers.Qwen3_5MoeForCausalLM if moe else transformers.Qwen3_5ForCausalLM

@@ -2,6 +2,8 @@
 
 Public API (stable; later modules and the tests use exactly these names):
     get_config(name) -> Qwen35Config                   presets: PRESETS
+    config_from_hf(path or dict) -> Qwen35Config       HF config.json (also a checkpoint dir)
+    config_to_hf(config) -> dict                       a config.json transformers loads
     Runtime(compute_dtype=..., remat_policy=..., ...)  how to run (dtypes, remat, kernel
                                                        sizes, MoE dispatch); every model function
                                                        takes runtime=... (None: the defaults)
@@ -22,13 +24,19 @@ Public API (stable; later modules and the tests use exactly these names):
              lengths, logprobs)                batched prefill + cached decode (generate/)
     decode_state_bytes(config, batch, max_length) -> bytes of the decode state
 
-Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`):
+Axis letters used in tensor names throughout (`x_BTD`, `q_BTNH`, `state_BHKV`), one meaning each:
     B batch           T time (sequence)      S key/source time     D model width (hidden_size)
     V vocabulary, or the GDN value head dim in GDN code           N attention (query) heads
     G key/value heads H head dim (attention) or GDN value heads (in GDN code)
     J GDN key heads   K GDN key head dim     R rotary dims         I FFN width
     E experts         k top-k                C chunk length        L layers
-    M routed rows (tokens x k)               W conv width          P patches
+    A tokens of a batch flattened (B*T)      M routed rows (A*k) or other flattened rows
+    W conv width      P patches              F patch features      Z devices on a mesh axis
+    Y buffer slots per device pair (MoE dispatch)                 Q blocks or chunks (count)
+    X any leading axes (kernels)
+Kernel-local letters, stated in their files: ops/delta_rule.py lays its chunk scan out as
+[G segments, S chunks], ops/attention.py names block rows M (query) and K (key), vision.py the
+tower width W and the position table S.
 """
 
 from qwen35_jax.config import (
@@ -40,6 +48,8 @@ from qwen35_jax.config import (
 from qwen35_jax.convert.hf import CheckpointError, load_hf
 from qwen35_jax.decode_state import decode_state_bytes
 from qwen35_jax.generate import GenerateOutput, generate
+from qwen35_jax.hf_config import from_hf as config_from_hf
+from qwen35_jax.hf_config import to_hf as config_to_hf
 from qwen35_jax.model import (
     ModelOutput,
     abstract_params,
@@ -66,6 +76,8 @@ __all__ = [
     "abstract_params",
     "apply",
     "decode_state_bytes",
+    "config_from_hf",
+    "config_to_hf",
     "expand_placeholders",
     "forward",
     "generate",

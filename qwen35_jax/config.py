@@ -7,8 +7,9 @@ Every dataclass validates (and normalises: lists become tuples, integral floats 
 ``from_hf`` -- yields a checked, hashable config usable as a ``jax.jit`` static argument. Errors
 are ``ConfigError`` naming the dotted field, the bad value and what was expected.
 
-The Hugging Face ``config.json`` translation (``from_hf`` / ``to_hf``) and its field map live
-in `hf_config.py`.
+The Hugging Face ``config.json`` translation lives in `hf_config.py` (``hf_config.from_hf``,
+``hf_config.to_hf``; exported as ``qwen35_jax.config_from_hf`` / ``config_to_hf``), which
+imports this module and not the other way round.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import functools
 import json
 import math
 import numbers
-import os
 import types
 import typing
 from typing import Any
@@ -83,7 +83,7 @@ def _normalise(obj: Any, prefix: str) -> None:
         object.__setattr__(obj, f.name, value)
 
 
-def _check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
 
@@ -91,13 +91,13 @@ def _check(cond: bool, msg: str) -> None:
 def _positive(obj: Any, prefix: str, names: typing.Iterable[str]) -> None:
     for name in names:
         value = getattr(obj, name)
-        _check(value > 0, f"{prefix}{name}={value!r} must be > 0")
+        check(value > 0, f"{prefix}{name}={value!r} must be > 0")
 
 
 def _nonneg(obj: Any, prefix: str, names: typing.Iterable[str]) -> None:
     for name in names:
         value = getattr(obj, name)
-        _check(value is None or value >= 0, f"{prefix}{name}={value!r} must be >= 0")
+        check(value is None or value >= 0, f"{prefix}{name}={value!r} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +113,18 @@ class RopeParameters:
     def __post_init__(self) -> None:
         p = "text_config.rope_parameters."
         _normalise(self, p)
-        _check(
+        check(
             self.rope_type == "default",
             f"{p}rope_type={self.rope_type!r} is not supported; expected 'default'",
         )
         _positive(self, p, ["rope_theta"])
         prf = self.partial_rotary_factor
-        _check(0.0 < prf <= 1.0, f"{p}partial_rotary_factor={prf!r} must be in (0, 1]")
+        check(0.0 < prf <= 1.0, f"{p}partial_rotary_factor={prf!r} must be in (0, 1]")
         for i, s in enumerate(self.mrope_section):
-            _check(s >= 0, f"{p}mrope_section[{i}]={s} must be >= 0")
+            check(s >= 0, f"{p}mrope_section[{i}]={s} must be >= 0")
 
 
-_DENSE_ZERO = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
+DENSE_ZERO = ("num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,16 +190,16 @@ class TextConfig:
             ("linear_num_value_heads", "linear_num_key_heads"),
         ]:
             va, vb = getattr(self, a), getattr(self, b)
-            _check(va % vb == 0, f"{p}{a}={va} must be divisible by {p}{b}={vb}")
-        _check(
+            check(va % vb == 0, f"{p}{a}={va} must be divisible by {p}{b}={vb}")
+        check(
             self.full_attention_interval <= self.num_hidden_layers,
             f"{p}full_attention_interval={self.full_attention_interval} must be <= "
             f"{p}num_hidden_layers={self.num_hidden_layers}",
         )
-        _check(self.hidden_act == "silu", f"{p}hidden_act={self.hidden_act!r} must be 'silu'")
+        check(self.hidden_act == "silu", f"{p}hidden_act={self.hidden_act!r} must be 'silu'")
         prf = self.rope_parameters.partial_rotary_factor
         rot = self.head_dim * prf
-        _check(
+        check(
             rot == int(rot) and int(rot) % 2 == 0 and rot > 0,
             f"{p}head_dim={self.head_dim} * {p}rope_parameters.partial_rotary_factor={prf} "
             f"= {rot} must be a positive even integer (the rotary dim)",
@@ -218,19 +218,19 @@ class TextConfig:
         )
         if self.num_experts > 0:
             k = self.num_experts_per_tok
-            _check(
+            check(
                 1 <= k <= self.num_experts,
                 f"{p}num_experts_per_tok={k} must be in [1, {p}num_experts={self.num_experts}]",
             )
             _positive(self, p, ["moe_intermediate_size", "shared_expert_intermediate_size"])
         else:
-            for name in _DENSE_ZERO:
-                _check(
+            for name in DENSE_ZERO:
+                check(
                     getattr(self, name) == 0,
                     f"{p}{name}={getattr(self, name)} must be 0 "
                     f"for a dense model ({p}num_experts=0)",
                 )
-        _check(
+        check(
             not self.mtp_use_dedicated_embeddings,
             f"{p}mtp_use_dedicated_embeddings=True is not supported (expected False: the MTP "
             "head shares the main model's embedding)",
@@ -294,18 +294,18 @@ class VisionConfig:
                 "num_position_embeddings",
             ],
         )
-        _check(
+        check(
             self.hidden_size % self.num_heads == 0,
             f"{p}hidden_size={self.hidden_size} must be divisible by {p}num_heads={self.num_heads}",
         )
         for i, d in enumerate(self.deepstack_visual_indexes):
-            _check(
+            check(
                 0 <= d < self.depth,
                 f"{p}deepstack_visual_indexes[{i}]={d} must be in [0, {p}depth={self.depth})",
             )
 
 
-_TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+TOKEN_IDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,16 +324,16 @@ class Qwen35Config:
 
     def __post_init__(self) -> None:
         _normalise(self, "")
-        _nonneg(self, "", _TOKEN_IDS)
+        _nonneg(self, "", TOKEN_IDS)
         v, d = self.vision_config, self.text_config.hidden_size
-        _check(
+        check(
             v is None or v.out_hidden_size == d,
             f"vision_config.out_hidden_size="
             f"{v and v.out_hidden_size} must equal text_config.hidden_size={d}",
         )
         extra = tuple(sorted(self.extra))
         for i, (key, value) in enumerate(extra):
-            _check(i == 0 or key != extra[i - 1][0], f"extra has the key {key!r} twice")
+            check(i == 0 or key != extra[i - 1][0], f"extra has the key {key!r} twice")
             try:
                 json.loads(value)
             except ValueError:
@@ -355,45 +355,31 @@ class Qwen35Config:
 
     # ---- our own nested dict form ----
     def to_dict(self) -> dict[str, Any]:
-        d = _plain(dataclasses.asdict(self))
+        d = plain(dataclasses.asdict(self))
         d["extra"] = dict(self.extra)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen35Config:
         """Builds from our field names (nested; missing keys take defaults; strict)."""
-        d = dict(_as_dict(d, "config"))
+        d = dict(as_dict(d, "config"))
         if isinstance(d.get("extra"), dict):
             d["extra"] = tuple(d["extra"].items())
         return _build(cls, d, "")
 
-    # ---- Hugging Face config.json (hf_config.py) ----
-    @classmethod
-    def from_hf(cls, source: dict[str, Any] | str | os.PathLike[str]) -> Qwen35Config:
-        """Reads a config.json dict, a path to config.json or a checkpoint directory."""
-        from qwen35_jax import hf_config
 
-        return hf_config.from_hf(source)
-
-    def to_hf(self) -> dict[str, Any]:
-        """A config.json dict that transformers loads."""
-        from qwen35_jax import hf_config
-
-        return hf_config.to_hf(self)
+TOP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Qwen35Config)}
 
 
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Qwen35Config)}
-
-
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 
-def _as_dict(x: Any, path: str) -> dict[str, Any]:
+def as_dict(x: Any, path: str) -> dict[str, Any]:
     if not isinstance(x, dict):
         raise ConfigError(f"{path} must be a dict, got {type(x).__name__} {x!r}")
     return x
@@ -401,7 +387,7 @@ def _as_dict(x: Any, path: str) -> dict[str, Any]:
 
 def _build(cls: type, d: Any, prefix: str) -> Any:
     """``cls(**d)`` for our nested dict form; nested dataclass fields are built recursively."""
-    d = dict(_as_dict(d, prefix[:-1] or "config"))
+    d = dict(as_dict(d, prefix[:-1] or "config"))
     _unknown(d, {f.name for f in dataclasses.fields(cls)}, prefix)
     for name, value in d.items():
         sub = [

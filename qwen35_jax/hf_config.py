@@ -37,20 +37,20 @@ import os
 from typing import Any
 
 from qwen35_jax.config import (
-    _DENSE_ZERO,
-    _FIELD_DEFAULTS,
-    _TOKEN_IDS,
+    DENSE_ZERO,
+    TOKEN_IDS,
+    TOP_DEFAULTS,
     ConfigError,
     Qwen35Config,
     RopeParameters,
     TextConfig,
     VisionConfig,
-    _as_dict,
-    _check,
-    _plain,
+    as_dict,
+    check,
+    plain,
 )
 
-_MOE_KEYS = ("num_experts", *_DENSE_ZERO, "router_aux_loss_coef")
+_MOE_KEYS = ("num_experts", *DENSE_ZERO, "router_aux_loss_coef")
 _ROPE_KEYS = (
     "layer_types",
     "rope_parameters",
@@ -93,7 +93,7 @@ def from_hf(source: dict[str, Any] | str | os.PathLike[str]) -> Qwen35Config:
                 source = json.load(f)
             except ValueError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return _from_hf(_as_dict(source, "config"))
+    return _from_hf(as_dict(source, "config"))
 
 
 def to_hf(config: Qwen35Config) -> dict[str, Any]:
@@ -104,14 +104,14 @@ def to_hf(config: Qwen35Config) -> dict[str, Any]:
     text = _text_to_hf(t)
     text["model_type"] = family + "_text"
     extra = {k: json.loads(v) for k, v in config.extra}
-    ids = {name: getattr(config, name) for name in _TOKEN_IDS}
+    ids = {name: getattr(config, name) for name in TOKEN_IDS}
     if config.vision_config is None:
         out = {"architectures": [arch + "CausalLM"], **text}
-        out.update({k: v for k, v in ids.items() if v != _FIELD_DEFAULTS[k]})
+        out.update({k: v for k, v in ids.items() if v != TOP_DEFAULTS[k]})
         _merge(out, extra, "text_config.")
         _merge(out, extra, "")
         return out
-    vision = _plain(dataclasses.asdict(config.vision_config))
+    vision = plain(dataclasses.asdict(config.vision_config))
     if not vision["deepstack_visual_indexes"]:
         del vision["deepstack_visual_indexes"]
     vision["model_type"] = family + "_vision"
@@ -140,7 +140,7 @@ def _merge(target: dict[str, Any], extra: dict[str, Any], prefix: str) -> None:
 
 
 def _text_to_hf(t: TextConfig) -> dict[str, Any]:
-    d = _plain(dataclasses.asdict(t))
+    d = plain(dataclasses.asdict(t))
     if t.is_moe:
         if t.intermediate_size == TextConfig.intermediate_size:
             del d["intermediate_size"]  # released MoE configs do not carry it
@@ -161,7 +161,7 @@ def _read_layer_types(text: dict[str, Any], n: Any) -> int | None:
         return None
     if not isinstance(lt, (list, tuple)) or not all(isinstance(x, str) for x in lt):
         raise ConfigError(f"{p}={lt!r} must be a list of layer type strings")
-    _check(len(lt) == n, f"{p} has {len(lt)} entries but text_config.num_hidden_layers={n}")
+    check(len(lt) == n, f"{p} has {len(lt)} entries but text_config.num_hidden_layers={n}")
     if "full_attention" not in lt:
         raise ConfigError(
             f"{p}={lt!r} has no 'full_attention' layer; expected one every "
@@ -169,14 +169,14 @@ def _read_layer_types(text: dict[str, Any], n: Any) -> int | None:
         )
     interval = lt.index("full_attention") + 1
     given = text.get("full_attention_interval", interval)
-    _check(
+    check(
         given == interval,
         f"{p} puts the first full_attention layer at index {interval - 1}"
         f" but text_config.full_attention_interval={given!r}",
     )
     for i, kind in enumerate(lt):
         want = "linear_attention" if (i + 1) % interval else "full_attention"
-        _check(
+        check(
             kind == want,
             f"{p}[{i}]={kind!r} does not follow the full_attention_interval="
             f"{interval} pattern (expected {want!r}; trailing layers must be linear_attention)",
@@ -191,17 +191,17 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
             f"model_type={mt!r} is not a Qwen3.5 config; expected one of {sorted(_MODEL_TYPES)}"
         )
     nested = "text_config" in d or mt in ("qwen3_5", "qwen3_5_moe")
-    text = _as_dict(d.get("text_config") or {}, "text_config") if nested else d
+    text = as_dict(d.get("text_config") or {}, "text_config") if nested else d
     tmt = text.get("model_type") if nested else mt
     if tmt is not None and tmt not in ("qwen3_5_text", "qwen3_5_moe_text"):
         raise ConfigError(
             f"text_config.model_type={tmt!r} must be 'qwen3_5_text' or 'qwen3_5_moe_text'"
         )
     kinds = {_MODEL_TYPES[m] for m in (mt, tmt) if m is not None}
-    _check(len(kinds) <= 1, f"model_type={mt!r} and text_config.model_type={tmt!r} disagree")
+    check(len(kinds) <= 1, f"model_type={mt!r} and text_config.model_type={tmt!r} disagree")
     n_exp = text.get("num_experts")
     moe = kinds.pop() if kinds else bool(n_exp)
-    _check(
+    check(
         moe or not n_exp,
         f"text_config.num_experts={n_exp!r} in a dense config "
         f"(model_type={tmt or mt!r}); expected 0 or absent",
@@ -213,17 +213,17 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
     defaults.update(_HF_DEFAULTS[moe])
     modelled = set(defaults) - {"rope_parameters", "full_attention_interval"}
     if not moe:
-        modelled -= set(_DENSE_ZERO)
+        modelled -= set(DENSE_ZERO)
     kw = {k: text.get(k, defaults[k]) for k in modelled}
     consumed = (
         modelled | set(_ROPE_KEYS) | set(_SKIP) | set(_MOE_KEYS) | {"full_attention_interval"}
     )
     if not nested:
-        consumed |= set(_TOKEN_IDS)
+        consumed |= set(TOKEN_IDS)
     interval = _read_layer_types(text, kw["num_hidden_layers"])
     kw["full_attention_interval"] = interval or text.get("full_attention_interval", 4)
     rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
-    rope = _as_dict(rope, "text_config.rope_parameters")
+    rope = as_dict(rope, "text_config.rope_parameters")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     kw["rope_parameters"] = RopeParameters(
         rope_type="default" if rope_type == "mrope" else rope_type,
@@ -252,11 +252,11 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
     )
 
     # vision and top level
-    top: dict[str, Any] = {k: d.get(k, _FIELD_DEFAULTS[k]) for k in _TOKEN_IDS}
+    top: dict[str, Any] = {k: d.get(k, TOP_DEFAULTS[k]) for k in TOKEN_IDS}
     vision = None
     if nested:
         vd = d.get("vision_config")
-        vd = {} if vd is None else _as_dict(vd, "vision_config")
+        vd = {} if vd is None else as_dict(vd, "vision_config")
         vfields = {f.name for f in dataclasses.fields(VisionConfig)}
         vision = VisionConfig(**{k: v for k, v in vd.items() if k in vfields})
         extra.update(
@@ -267,7 +267,7 @@ def _from_hf(d: dict[str, Any]) -> Qwen35Config:
             }
         )
         top_consumed = (
-            set(_SKIP) | set(_TOKEN_IDS) | {"text_config", "vision_config", "tie_word_embeddings"}
+            set(_SKIP) | set(TOKEN_IDS) | {"text_config", "vision_config", "tie_word_embeddings"}
         )
         extra.update(
             {k: v for k, v in d.items() if k not in top_consumed and not k.startswith("_")}

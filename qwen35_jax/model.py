@@ -46,11 +46,14 @@ from qwen35_jax.layers.decoder import (
     LINEAR,
     Block,
     LayerContext,
+    concat_layers,
     layer_class,
     scanned_layers,
 )
+from qwen35_jax.layers.moe import RouterStats
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import rotary_cos_sin
+from qwen35_jax.layers.weights import RuntimeDtypes, weight
 from qwen35_jax.mtp import MTPHead
 from qwen35_jax.positions import rope_index
 from qwen35_jax.runtime import Runtime, resolve
@@ -64,6 +67,11 @@ class ModelOutput(NamedTuple):
     expert_load: jax.Array | None  # [L, E] fraction of top-k assignments per expert per layer
     mtp_logits: jax.Array | None  # [B, T, V] float32, predicts token t+2 (when return_mtp)
     mtp_hidden: jax.Array | None = None  # [B, T, D] the MTP head's hidden state (when return_mtp)
+    # MoE only: routed (token, expert) rows dropped by a capacity factor, main layers + MTP
+    dropped_tokens: jax.Array | None = None  # scalar
+    # MoE MTP head (when return_mtp): its own load-balancing loss and expert load
+    mtp_aux_loss: jax.Array | None = None  # scalar, unscaled
+    mtp_expert_load: jax.Array | None = None  # [mtp layers, E]
 
 
 def document_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -81,7 +89,7 @@ def document_positions(segment_ids_BT: jax.Array) -> jax.Array:
     return idx_BT - last_start_BT
 
 
-class Qwen35TextModel(nn.Module):
+class Qwen35TextModel(RuntimeDtypes, nn.Module):
     config: Qwen35Config
     runtime: Runtime = Runtime()
 
@@ -97,13 +105,10 @@ class Qwen35TextModel(nn.Module):
     ) -> ModelOutput:
         cfg, rt = self.config, self.runtime
         c = cfg.text_config
-        dtype, param_dtype = rt.dtype, rt.weights_dtype
+        dtype, param_dtype = self.dtype, self.param_dtype
 
-        embed_VD = self.param(
-            "embed_tokens",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
-            (c.vocab_size, c.hidden_size),
-            param_dtype,
+        embed_VD = weight(
+            self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), cast=False
         )
         x_BTD = jnp.take(embed_VD, input_ids_BT, axis=0).astype(dtype)
         if cfg.vision_config is not None and (vision is not None or self.is_initializing()):
@@ -124,25 +129,24 @@ class Qwen35TextModel(nn.Module):
             segment_ids_BT, cos_BTR, sin_BTR, attention_mask(segment_ids_BT), valid_BT
         )
 
-        stats = []
+        stats = []  # RouterStats with a leading layer axis, in layer order (MoE only)
         if c.num_blocks:
             blocks = scanned_layers(Block, c.num_blocks, "layers")
-            x_BTD, block_stats = blocks(c, rt, name="blocks")(x_BTD, ctx)
-            stats.append(block_stats)
+            x_BTD, block_stats = blocks(c, rt, name="blocks")(x_BTD, ctx)  # [nb, interval, ...]
+            if block_stats is not None:
+                stats.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), block_stats))
         if c.num_tail_layers:
             tail = scanned_layers(layer_class(rt.remat_policy), c.num_tail_layers, "layers")
             x_BTD, tail_stats = tail(c, LINEAR, rt, name="tail_layers")(x_BTD, ctx)
-            stats.append({"tail": tail_stats})
+            if tail_stats is not None:
+                stats.append(tail_stats)
         hidden_BTD = RMSNorm(c.rms_norm_eps, param_dtype, name="norm")(x_BTD)
 
         if c.tie_word_embeddings:
             head_DV = embed_VD.T
         else:
-            head_DV = self.param(
-                "lm_head",
-                nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
-                (c.hidden_size, c.vocab_size),
-                param_dtype,
+            head_DV = weight(
+                self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), cast=False
             )
 
         def logits_of(h_BTD):
@@ -154,42 +158,44 @@ class Qwen35TextModel(nn.Module):
             )
 
         logits = logits_of(hidden_BTD) if return_logits else None
-        aux_loss, expert_load = _moe_statistics(c, stats)
+        aux_loss, expert_load, dropped = _moe_statistics(c, concat_layers(stats) if stats else None)
 
-        mtp_logits = mtp_hidden_BTD = None
+        mtp_logits = mtp_hidden_BTD = mtp_aux = mtp_load = None
         if c.mtp_num_hidden_layers and (return_mtp or self.is_initializing()):
             next_ids_BT = jnp.concatenate(
                 [input_ids_BT[:, 1:], jnp.zeros_like(input_ids_BT[:, :1])], axis=1
             )
             next_embed_BTD = jnp.take(embed_VD, next_ids_BT, axis=0).astype(dtype)
-            mtp_hidden_BTD, _ = MTPHead(c, rt, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
+            mtp_hidden_BTD, mtp_stats = MTPHead(c, rt, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
             mtp_logits = logits_of(mtp_hidden_BTD) if return_logits else None
-        return ModelOutput(logits, hidden_BTD, aux_loss, expert_load, mtp_logits, mtp_hidden_BTD)
+            if mtp_stats is not None:
+                mtp_aux, mtp_load, mtp_dropped = _moe_statistics(c, mtp_stats)
+                dropped = dropped + mtp_dropped
+        return ModelOutput(
+            logits,
+            hidden_BTD,
+            aux_loss,
+            expert_load,
+            mtp_logits,
+            mtp_hidden_BTD,
+            dropped,
+            mtp_aux,
+            mtp_load,
+        )
 
 
-def _moe_statistics(c, stats: list[dict]) -> tuple[jax.Array, jax.Array | None]:
-    """Pool per-layer router statistics (in layer order) into the HF-style aux loss."""
-    if not c.is_moe:
-        return jnp.zeros((), jnp.float32), None
-    per_layer = []  # each entry: dict of arrays with a leading layer axis
-    for s in stats:
-        if "tail" in s:
-            per_layer.append(s["tail"])
-            continue
-        full = jax.tree.map(lambda a: a[:, None], s["full"])  # [nb, 1, ...]
-        if "linear" in s:
-            full = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1), s["linear"], full)
-        per_layer.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), full))
-    layers = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *per_layer)
-    counts_LE, probs_LE, tokens_L = (
-        layers["expert_counts"],
-        layers["router_prob_sum"],
-        layers["num_tokens"],
-    )
+def _moe_statistics(
+    c, stats: RouterStats | None
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Per-layer router statistics [L, ...] -> (HF-style aux loss, expert load [L, E], dropped
+    rows in total); (0, None, None) for a dense model."""
+    if stats is None:
+        return jnp.zeros((), jnp.float32), None, None
+    counts_LE, probs_LE, tokens_L = stats.expert_counts, stats.router_prob_sum, stats.num_tokens
     total = jnp.maximum(jnp.sum(tokens_L), 1.0)
     aux = c.num_experts * jnp.sum((counts_LE.sum(0) / total) * (probs_LE.sum(0) / total))
     load_LE = counts_LE / jnp.maximum(tokens_L, 1.0)[:, None]
-    return aux, load_LE
+    return aux, load_LE, jnp.sum(stats.dropped_tokens)
 
 
 # ----------------------------------------------------------------------------- functional API

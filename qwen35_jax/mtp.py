@@ -19,9 +19,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qwen35_jax.config import TextConfig
-from qwen35_jax.layers.decoder import FULL, DecoderLayer, LayerContext
+from qwen35_jax.layers.decoder import FULL, DecoderLayer, LayerContext, concat_layers
+from qwen35_jax.layers.moe import RouterStats
 from qwen35_jax.layers.norms import RMSNorm
-from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.layers.weights import RuntimeDtypes, weight
 from qwen35_jax.runtime import Runtime
 
 
@@ -32,15 +33,11 @@ class MTPHead(RuntimeDtypes, nn.Module):
     @nn.compact
     def __call__(
         self, h_BTD: jax.Array, next_embed_BTD: jax.Array, ctx: LayerContext
-    ) -> tuple[jax.Array, list[dict]]:
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """(out_BTD, the MoE layers' router statistics [mtp layers, ...]; None when dense)."""
         c = self.config
         d, eps = c.hidden_size, c.rms_norm_eps
-        fc = self.param(
-            "fc",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("mlp", "embed")),
-            (2 * d, d),
-            self.param_dtype,
-        )
+        fc = weight(self, "fc", (2 * d, d), ("mlp", "embed"), cast=False)
         e_BTD = RMSNorm(eps, self.param_dtype, name="pre_fc_norm_embedding")(next_embed_BTD)
         h_BTD = RMSNorm(eps, self.param_dtype, name="pre_fc_norm_hidden")(h_BTD)
         x_BTD = jnp.concatenate([e_BTD, h_BTD], axis=-1).astype(self.dtype) @ fc.astype(self.dtype)
@@ -48,5 +45,7 @@ class MTPHead(RuntimeDtypes, nn.Module):
         for i in range(c.mtp_num_hidden_layers):
             layer = DecoderLayer(c, FULL, self.runtime, name=f"layers_{i}")
             x_BTD, layer_stats = layer(x_BTD, ctx)
-            stats.append(layer_stats)
-        return RMSNorm(eps, self.param_dtype, name="norm")(x_BTD), stats
+            if layer_stats is not None:
+                stats.append(jax.tree.map(lambda a: a[None], layer_stats))
+        out_BTD = RMSNorm(eps, self.param_dtype, name="norm")(x_BTD)
+        return out_BTD, concat_layers(stats) if stats else None

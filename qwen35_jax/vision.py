@@ -53,10 +53,9 @@ from flax import linen as nn
 from qwen35_jax.config import Qwen35Config, VisionConfig
 from qwen35_jax.layers.decoder import REMAT_POLICIES
 from qwen35_jax.layers.rotary import apply_rotary
-from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.layers.weights import ONES, ZEROS, RuntimeDtypes, weight
 from qwen35_jax.runtime import Runtime
 
-KERNEL_INIT = nn.initializers.normal(0.02)
 DEFAULT_ROPE_THETA = 10_000.0
 LAYER_NORM_EPS = 1e-6
 
@@ -151,18 +150,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (d,),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-            (d,),
-            self.param_dtype,
-        )
+        scale = weight(self, "scale", (d,), ("norm",), ONES, cast=False)
+        bias = weight(self, "bias", (d,), ("norm",), ZEROS, cast=False)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -184,24 +173,14 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         nin, nout = len(self.in_shape), len(self.out_shape)
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(KERNEL_INIT, self.axes),
-            (*self.in_shape, *self.out_shape),
-            self.param_dtype,
-        )
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[nin:]),
-            self.out_shape,
-            self.param_dtype,
-        )
+        kernel = weight(self, "kernel", (*self.in_shape, *self.out_shape), self.axes)
+        bias = weight(self, "bias", self.out_shape, self.axes[nin:], ZEROS)
         y = jax.lax.dot_general(
             x.astype(self.dtype),
-            kernel.astype(self.dtype),
+            kernel,
             (((tuple(range(x.ndim - nin, x.ndim))), tuple(range(nin))), ((), ())),
         )
-        return y + bias.astype(self.dtype).reshape((1,) * (y.ndim - nout) + self.out_shape)
+        return y + bias.reshape((1,) * (y.ndim - nout) + self.out_shape)
 
 
 class BlockContext(NamedTuple):
@@ -296,11 +275,8 @@ class VisionTower(RuntimeDtypes, nn.Module):
         x_PW = Dense((f,), (w,), (None, "embed"), **kw, name="patch_embed")(pixels_PF)
 
         side = int(round(c.num_position_embeddings**0.5))
-        table_SW = self.param(
-            "pos_embed",
-            nn.with_logical_partitioning(KERNEL_INIT, (None, "embed")),
-            (c.num_position_embeddings, w),
-            self.param_dtype,
+        table_SW = weight(
+            self, "pos_embed", (c.num_position_embeddings, w), (None, "embed"), cast=False
         )
         idx_P4, wt_P4 = interpolation_taps(layout, side)
         pos_PW = jnp.einsum("pkw,pk->pw", table_SW.astype(jnp.float32)[idx_P4], wt_P4)

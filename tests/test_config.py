@@ -15,6 +15,8 @@ from qwen35_jax.config import (
     TextConfig,
     VisionConfig,
 )
+from qwen35_jax.hf_config import from_hf as config_from_hf
+from qwen35_jax.hf_config import to_hf as config_to_hf
 from qwen35_jax.presets import PRESETS, get_config
 from qwen35_jax.runtime import Runtime
 
@@ -258,8 +260,8 @@ def test_from_dict_partial_and_strict():
 @pytest.mark.parametrize("name", PRESETS)
 def test_hf_round_trip(name):
     c = get_config(name)
-    d = json.loads(json.dumps(c.to_hf()))
-    assert Qwen35Config.from_hf(d) == c
+    d = json.loads(json.dumps(config_to_hf(c)))
+    assert config_from_hf(d) == c
     t = d.get("text_config", d)
     assert t["layer_types"] == list(c.text.layer_types)
     assert ("num_experts" in t) == c.is_moe
@@ -275,9 +277,9 @@ def test_hf_round_trip(name):
 
 def test_hf_round_trip_text_only_token_ids():
     c = get_config("tiny-moe").replace(image_token_id=5, extra=(("dtype", '"float32"'),))
-    d = c.to_hf()
+    d = config_to_hf(c)
     assert d["image_token_id"] == 5 and "video_token_id" not in d and d["dtype"] == "float32"
-    assert Qwen35Config.from_hf(d) == c.replace(extra=(("text_config.dtype", '"float32"'),))
+    assert config_from_hf(d) == c.replace(extra=(("text_config.dtype", '"float32"'),))
 
 
 def _hf_configs():
@@ -343,18 +345,18 @@ def _check_against_hf(c, hf):
 @pytest.mark.parametrize("kind", ["text", "moe_text", "vl", "moe_vl"])
 def test_hf_interop(kind, tmp_path):
     hf = _hf_configs()[kind]
-    c = Qwen35Config.from_hf(hf.to_dict())
+    c = config_from_hf(hf.to_dict())
     _check_against_hf(c, hf)
     hf.save_pretrained(tmp_path)  # writes only the keys that differ from the class defaults
-    from_file = Qwen35Config.from_hf(tmp_path)
+    from_file = config_from_hf(tmp_path)
     assert from_file.text == c.text and from_file.vision_config == c.vision_config
-    assert Qwen35Config.from_hf(tmp_path / "config.json") == from_file
+    assert config_from_hf(tmp_path / "config.json") == from_file
     # ours -> config.json -> transformers
-    (tmp_path / "config.json").write_text(json.dumps(c.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(c)))
     back = transformers.AutoConfig.from_pretrained(tmp_path)
     assert type(back) is type(hf)
     _check_against_hf(c, back)
-    assert Qwen35Config.from_hf(back.to_dict()) == c
+    assert config_from_hf(back.to_dict()) == c
 
 
 def test_released_style_config():
@@ -413,7 +415,7 @@ def test_released_style_config():
             "initializer_range": 0.02,
         },
     }
-    c = Qwen35Config.from_hf(d)
+    c = config_from_hf(d)
     assert c.text_config == get_config("qwen3.5-0.8b").text_config  # top-level tie wins
     assert c.vision_config == get_config("qwen3.5-0.8b").vision_config
     assert dict(c.extra) == {
@@ -422,10 +424,10 @@ def test_released_style_config():
         "text_config.mamba_ssm_dtype": '"float32"',
         "vision_config.initializer_range": "0.02",
     }
-    out = c.to_hf()
+    out = config_to_hf(c)
     assert out["text_config"]["mamba_ssm_dtype"] == "float32"
     assert out["vision_config"]["initializer_range"] == 0.02
-    assert Qwen35Config.from_hf(out) == c
+    assert config_from_hf(out) == c
 
 
 def test_old_rope_keys_and_defaults():
@@ -436,7 +438,7 @@ def test_old_rope_keys_and_defaults():
         "partial_rotary_factor": 0.5,
         "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},
     }
-    t = Qwen35Config.from_hf(d).text
+    t = config_from_hf(d).text
     assert t.rope_parameters == RopeParameters(
         rope_theta=1e6, partial_rotary_factor=0.5, mrope_section=(8, 12, 12)
     )
@@ -447,13 +449,13 @@ def test_old_rope_keys_and_defaults():
         256,
         32768,
     )
-    assert Qwen35Config.from_hf({"model_type": "qwen3_5_text"}).text.rope_parameters == (
+    assert config_from_hf({"model_type": "qwen3_5_text"}).text.rope_parameters == (
         RopeParameters(rope_theta=10000.0)
     )
 
 
 def test_extra_round_trip_all_sections():
-    c = Qwen35Config.from_hf(
+    c = config_from_hf(
         {
             "model_type": "qwen3_5_moe",
             "quantization_config": {"bits": 4},
@@ -473,11 +475,11 @@ def test_extra_round_trip_all_sections():
         "text_config.rope_parameters.bar": "2",
         "vision_config.dtype": "null",
     }
-    out = c.to_hf()
+    out = config_to_hf(c)
     assert out["quantization_config"] == {"bits": 4} and out["text_config"]["foo"] == [1]
     assert out["text_config"]["rope_parameters"]["bar"] == 2
     assert out["vision_config"]["dtype"] is None
-    assert Qwen35Config.from_hf(out) == c
+    assert config_from_hf(out) == c
 
 
 @pytest.mark.parametrize(
@@ -504,20 +506,20 @@ def test_bad_layer_types(layer_types, match):
         "text_config": {"num_hidden_layers": 8, "hidden_size": 3584, "layer_types": layer_types},
     }
     with pytest.raises(ConfigError, match=r"text_config\." + match):
-        Qwen35Config.from_hf(d)
+        config_from_hf(d)
 
 
 def test_from_hf_rejects():
     with pytest.raises(ConfigError, match=r"model_type='llama' is not a Qwen3\.5 config"):
-        Qwen35Config.from_hf({"model_type": "llama"})
+        config_from_hf({"model_type": "llama"})
     with pytest.raises(ConfigError, match=r"text_config\.num_experts=8 in a dense config"):
-        Qwen35Config.from_hf({"model_type": "qwen3_5_text", "num_experts": 8})
+        config_from_hf({"model_type": "qwen3_5_text", "num_experts": 8})
     with pytest.raises(ConfigError, match=r"mtp_use_dedicated_embeddings=True is not supported"):
-        Qwen35Config.from_hf({"model_type": "qwen3_5_text", "mtp_use_dedicated_embeddings": True})
+        config_from_hf({"model_type": "qwen3_5_text", "mtp_use_dedicated_embeddings": True})
     with pytest.raises(ConfigError, match=r"eos_token_id=\[1, 2\] must be an int"):
-        Qwen35Config.from_hf({"model_type": "qwen3_5_text", "eos_token_id": [1, 2]})
+        config_from_hf({"model_type": "qwen3_5_text", "eos_token_id": [1, 2]})
     with pytest.raises(ConfigError, match=r"at index 3 but text_config\.full_attention_interval=2"):
-        Qwen35Config.from_hf(
+        config_from_hf(
             {
                 "num_hidden_layers": 4,
                 "full_attention_interval": 2,

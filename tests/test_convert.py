@@ -26,11 +26,11 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import qwen35_jax as q
-from qwen35_jax.config import Qwen35Config
 from qwen35_jax.convert import orbax_io
 from qwen35_jax.convert.__main__ import main
 from qwen35_jax.convert.hf_names import hf_rules
 from qwen35_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
+from qwen35_jax.hf_config import from_hf as config_from_hf
 from tests.test_config import SMALL_MOE, SMALL_TEXT, SMALL_VISION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def _add_mtp(path: str, seed: int, dtype: np.dtype) -> None:
         index = json.load(f)
     keys = list(index["weight_map"])
     fused = any(k.endswith("experts.gate_up_proj") for k in keys)
-    config = Qwen35Config.from_hf(path)
+    config = config_from_hf(path)
     rng = np.random.default_rng(seed)
     tensors = {}
     for r in hf_rules(config, multimodal_prefix=True, fused_experts=fused):
@@ -133,7 +133,7 @@ def test_transformers_loads_the_export(converted):
 def test_restore_params_matches_abstract_params(converted):
     _, hf_dir, ckpt, _ = converted
     config, params = orbax_io.restore_params(ckpt)
-    assert config == Qwen35Config.from_hf(hf_dir)
+    assert config == config_from_hf(hf_dir)
     shapes = nn.meta.unbox(q.abstract_params(config))
     assert jax.tree.structure(params) == jax.tree.structure(shapes)
     for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(shapes), strict=True):
@@ -277,7 +277,7 @@ def test_memory_is_bounded_for_a_1gb_checkpoint(tmp_path):
     cfg = transformers.Qwen3_5TextConfig(**BIG_TEXT)
     cfg.architectures = ["Qwen3_5ForCausalLM"]
     cfg.save_pretrained(str(hf))
-    config = Qwen35Config.from_hf(str(hf))
+    config = config_from_hf(str(hf))
     rng = np.random.default_rng(0)
     weight_map, shard, nbytes, total = {}, {}, 0, 0
 
@@ -342,7 +342,7 @@ def test_mesh_layout_chunks_fit_the_shards_and_restore_sharded(converted, tmp_pa
     assert (
         main(["hf-to-orbax", "--hf_dir", hf_dir, "--out", ckpt, "--mesh", "fsdp=2,expert=4"]) == 0
     )
-    config = Qwen35Config.from_hf(hf_dir)
+    config = config_from_hf(hf_dir)
     shards = orbax_io.shard_shapes(config, {"fsdp": 2, "expert": 4})
     full_shapes = orbax_io.leaf_shapes(config)
     split = 0

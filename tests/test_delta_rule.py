@@ -351,9 +351,38 @@ def test_cpu_blocked_solve_matches_triangular_solve():
     rng = np.random.default_rng(9)
     N = jnp.asarray(np.tril(rng.normal(size=(3, 64, 64)) * 0.3, -1), jnp.float32)
     rhs = jnp.asarray(rng.normal(size=(3, 64, 40)), jnp.float32)
-    x = dr._blocked_unit_lower_solve(N, rhs)
+    x = dr.blocked_unit_lower_solve(N, rhs)
     x_ref = lax.linalg.triangular_solve(
         N + jnp.eye(64, dtype=jnp.float32)[None], rhs, left_side=True, lower=True,
         unit_diagonal=True,
     )  # fmt: skip
     assert _rel(x, x_ref) < 1e-5
+
+
+def test_accelerator_branch_forced_on_cpu_equals_the_cpu_branch(case, monkeypatch):
+    """The kernel with `lax.linalg.triangular_solve` (the non-CPU branch of `unit_lower_solve`)
+    run here: values, final state and gradients of all six inputs equal the CPU branch's, with
+    packed documents and padding, so the first accelerator run does not meet untested code."""
+    q, k, v, g, beta, S0 = case
+    seg = jnp.asarray(np.repeat(np.array([[1] * 40 + [2] * 100 + [0] * 10]), B, axis=0))
+
+    def rule(q, k, v, g, beta, S0):
+        return gated_delta_rule(
+            q, k, v, g, beta, segment_ids=seg, initial_state=S0, chunk_size=32,
+            return_final_state=True,
+        )  # fmt: skip
+
+    def run():
+        jax.clear_caches()  # the branch is chosen when traced: retrace
+        fn = jax.jit(jax.value_and_grad(_loss_fn(rule), _ARGNUMS))
+        hlo = fn.lower(q, k, v, g, beta, S0).compile().as_text()
+        return rule(q, k, v, g, beta, S0), fn(q, k, v, g, beta, S0), hlo
+
+    (o_cpu, s_cpu), (loss_cpu, g_cpu), hlo_cpu = run()
+    monkeypatch.setattr(dr, "blocked_unit_lower_solve", dr.native_unit_lower_solve)
+    (o_acc, s_acc), (loss_acc, g_acc), hlo_acc = run()
+    assert "trsm" in hlo_acc.lower() and "trsm" not in hlo_cpu.lower()  # LAPACK triangular solve
+    assert _rel(o_acc, o_cpu) < 1e-5 and _rel(s_acc, s_cpu) < 1e-5
+    assert float(loss_acc) == pytest.approx(float(loss_cpu), rel=1e-5)
+    for a, b in zip(g_acc, g_cpu, strict=True):
+        assert _rel(a, b) < 1e-4

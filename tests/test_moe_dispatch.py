@@ -5,6 +5,7 @@ One MoE layer's routed experts on 8 simulated devices: dropless equals `moe.grou
 per-device count predicts and keeps the rest exact; `auto` picks the path from the mesh.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -152,6 +153,11 @@ def test_mode_errors():
         moe_dispatch.resolve_mode("ragged", B, T, (E, D, F), (E, F, D))
     with pytest.raises(ValueError, match="needs a mesh"):
         moe_dispatch.resolve_mode("all_to_all", B, T, (E, D, F), (E, F, D))
+    # bug 5: 6 experts over expert=4 is refused, not silently replicated
+    with sharding.use_mesh(sharding.make_mesh(fsdp=2, expert=4)):
+        for mode in ("auto", "all_to_all"):
+            with pytest.raises(ValueError, match=r"6 experts do not divide .*'expert'.* size 4"):
+                moe_dispatch.resolve_mode(mode, B, T, (6, D, F), (6, F, D))
 
 
 def test_moe_module_reads_the_runtime():
@@ -167,12 +173,46 @@ def test_moe_module_reads_the_runtime():
         return fn(params, x), _uses_all_to_all(lambda p, x: layer.apply(p, x, valid), params, x)
 
     (y0, stats0), _ = run("local", None)
-    assert float(stats0["dropped_tokens"]) == 0
+    assert float(stats0.dropped_tokens) == 0
     with sharding.use_mesh(sharding.make_mesh(fsdp=1, expert=8)):
         (y1, stats1), a2a = run("auto", None)
         (_, stats2), _ = run("auto", 0.5)
         (y3, stats3), local = run("local", 0.5)  # the local path ignores the capacity
     assert a2a and not local
-    assert _rel(y1, y0) < 1e-5 and float(stats1["dropped_tokens"]) == 0
-    assert float(stats2["dropped_tokens"]) > 0
-    assert _rel(y3, y0) < 1e-5 and float(stats3["dropped_tokens"]) == 0
+    assert _rel(y1, y0) < 1e-5 and float(stats1.dropped_tokens) == 0
+    assert float(stats2.dropped_tokens) > 0
+    assert _rel(y3, y0) < 1e-5 and float(stats3.dropped_tokens) == 0
+
+
+def test_model_reports_dropped_rows_and_the_logger_shows_them(tmp_path):
+    """ModelOutput.dropped_tokens pools every MoE layer's (and the MTP layer's) dropped rows; the
+    metrics line shows them, and the MTP head's aux loss (bug 4)."""
+    from train.metrics import MetricsLogger
+
+    cfg = q.get_config("tiny-moe")
+    text = dataclasses.replace(cfg.text_config, num_hidden_layers=2, full_attention_interval=2)
+    cfg = cfg.replace(text_config=text)
+    params = q.init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (B, T), 0, text.vocab_size)
+
+    def dropped(runtime):
+        fn = jax.jit(lambda p, i: q.apply(cfg, p, i, return_mtp=True, runtime=runtime))
+        out = fn(params, ids)
+        assert out.mtp_expert_load.shape == (1, text.num_experts)
+        return float(out.dropped_tokens)
+
+    with sharding.use_mesh(sharding.make_mesh(fsdp=1, expert=8)):
+        assert dropped(q.Runtime(moe_dispatch="all_to_all")) == 0
+        some = dropped(q.Runtime(moe_dispatch="all_to_all", moe_capacity_factor=0.5))
+    assert 0 < some < 3 * B * T * text.num_experts_per_tok  # 3 MoE layers: 2 + MTP
+
+    logger = MetricsLogger(
+        str(tmp_path), total_steps=2, tokens_per_step=1, flops_per_step=1.0, peak_flops=None
+    )
+    metrics = dict(loss=1.0, aux_loss=1.0, lr=0.1, grad_norm=1.0, dropped_tokens=some)
+    metrics.update(expert_load=np.full((2, 8), 0.25), mtp_expert_load=np.full((1, 8), 0.25))
+    row = logger.log(1, {**metrics, "mtp_aux_loss": 1.5})
+    logger.close()
+    line = logger.console_line(row)
+    assert f"dropped {some:,.0f}" in line and "mtp aux 1.500" in line
+    assert row["mtp_expert_load"] == [0.25] * 8

@@ -158,6 +158,20 @@ def test_layer_equals_single_device(layer_case, n):
     assert _tree_rel(grads, grads0) < 1e-5
 
 
+def test_layer_with_indivisible_length_runs_single_device_and_says_so(layer_case, caplog):
+    """Bug 5: T=30 over sequence=4 cannot split; the single-device path runs (generation sees
+    any length) and the log says so once; training shapes are refused by the config check."""
+    layer, params, x, *_ = layer_case
+    seg = _segments(2, 32)[:, :30]
+    want = jax.jit(layer.apply)(params, x[:, :30], seg)
+    with caplog.at_level("WARNING"), sharding.use_mesh(_mesh(4)):
+        got = jax.jit(layer.apply)(params, x[:, :30], seg)
+        jax.jit(layer.apply)(params, x[:, :30] * 2, seg)
+    assert _rel(got, want) < 1e-5
+    said = [r for r in caplog.records if "T=30 tokens do not split" in r.getMessage()]
+    assert len(said) == 1 and "sequence=4" in said[0].getMessage()
+
+
 # --------------------------------------------------------------------------------- model level
 
 MB, MT = 4, 32

@@ -85,6 +85,26 @@ def test_validation_names_the_key(key, value, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "mesh, message",
+    [
+        (dict(sequence=3), "train.seq_len=256 must split over mesh.sequence=3"),
+        (dict(sequence=128), "train.seq_len=256 must split over mesh.sequence=128"),  # 2 < 3
+        (dict(expert=3), "model.text_config.num_experts=8 must be divisible by mesh.expert=3"),
+    ],
+)
+def test_parallel_splits_are_checked_up_front(mesh, message):
+    """Bug 5: no silent replicated fallback for a training shape (tiny-moe: 8 experts, conv 4)."""
+    config = config_schema.base_config("tiny-moe")
+    config.mesh.update(fsdp=1, **mesh)
+    with pytest.raises(config_schema.ConfigValueError) as e:
+        config_schema.validate(config)
+    assert message in str(e.value)
+    config.runtime.moe_dispatch = "local"  # the replicated path chosen on purpose
+    if "expert" in mesh:
+        config_schema.validate(config)
+
+
 def test_moved_runtime_override_names_the_new_key():
     from train import main
 

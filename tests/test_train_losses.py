@@ -109,6 +109,12 @@ def test_step_losses_assemble_ce_mtp_z_and_aux(moe_model):
     assert float(objective) == pytest.approx(want, rel=1e-5)
     assert float(sums["mtp"]) / len(mtp_terms) == pytest.approx(np.mean(mtp_terms), rel=1e-5)
     assert sums["expert_load"].shape == (2, cfg.text_config.num_experts)
+    # the MoE MTP layer's router statistics are reported (bug 4), dropless: nothing dropped
+    t = cfg.text_config
+    assert sums["mtp_expert_load"].shape == (t.mtp_num_hidden_layers, t.num_experts)
+    np.testing.assert_allclose(sums["mtp_expert_load"].sum(-1), t.num_experts_per_tok, rtol=1e-5)
+    assert float(sums["mtp_aux"]) == pytest.approx(float(out.mtp_aux_loss), rel=1e-6)
+    assert float(sums["mtp_aux"]) > 0 and float(sums["dropped"]) == 0
 
 
 @pytest.mark.parametrize("chunk", [8, 37, 64])

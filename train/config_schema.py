@@ -291,9 +291,10 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             config.init.from_checkpoint,
             "cannot be combined with init.from_hf",
         )
-    runtime_config(config)
+    runtime = runtime_config(config)
     model = model_config(config)
     check_seq_len_has_targets(config, model)
+    parallel_split_check(config, model, runtime)
     return model
 
 
@@ -312,6 +313,37 @@ def check_seq_len_has_targets(
             config.train.seq_len,
             f"leaves no targets for the {heads} head{'s' * with_mtp}: must be >= {need}"
             + (" (or set train.mtp_lambda=0)" if with_mtp else ""),
+        )
+
+
+def parallel_split_check(
+    config: ml_collections.ConfigDict,
+    model: qwen35_jax.Qwen35Config,
+    runtime: qwen35_jax.Runtime,
+) -> None:
+    """Refuses shapes that the parallel layers cannot split (they would run replicated):
+    train.seq_len over mesh.sequence (Gated DeltaNet slices of >= conv width - 1 tokens) and
+    model.text_config.num_experts over mesh.expert (expert-parallel MoE). Axes given as -1 are
+    checked by the layers once the device count is known."""
+    seq = config.mesh.sequence * config.mesh.dcn_sequence
+    if config.mesh.sequence > 0 and seq > 1:
+        t, halo = config.train.seq_len, model.text_config.linear_conv_kernel_dim - 1
+        if t % seq or t // seq < halo:
+            _fail(
+                "train.seq_len",
+                t,
+                f"must split over mesh.sequence={seq} (x dcn_sequence) into equal slices of at "
+                f"least {halo} tokens (the Gated DeltaNet conv halo)",
+            )
+    experts = config.mesh.expert * config.mesh.dcn_expert
+    e = model.text_config.num_experts
+    expert_parallel = config.mesh.expert > 0 and runtime.moe_dispatch != "local"
+    if expert_parallel and experts > 1 and e and e % experts:
+        _fail(
+            "model.text_config.num_experts",
+            e,
+            f"must be divisible by mesh.expert={experts} (x dcn_expert) for "
+            f"runtime.moe_dispatch={runtime.moe_dispatch!r} (expert-parallel MoE)",
         )
 
 

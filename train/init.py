@@ -40,12 +40,12 @@ def model_config(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
     """The architecture of the run (module docstring); refuses an `init.from_hf` checkpoint
     that cannot fit this host's memory before reading any weight."""
     if config.init.from_hf:
-        hf_cfg = qwen35_jax.Qwen35Config.from_hf(config.init.from_hf)
+        hf_cfg = qwen35_jax.config_from_hf(config.init.from_hf)
         check_fits_host_memory(config.init.from_hf, hf_cfg)
         return hf_cfg
     ckpt = config.init.from_checkpoint
     if ckpt and orbax_io.is_converted_checkpoint(ckpt):
-        return qwen35_jax.Qwen35Config.from_hf(ckpt)
+        return qwen35_jax.config_from_hf(ckpt)
     return config_schema.model_config(config)
 
 

@@ -6,11 +6,15 @@ fetching never stalls the device). Every logged step becomes
     console   step 120/600 | loss 4.1230 | mtp 4.9012 | aux 1.0210 | lr 1.20e-03 | gnorm 0.83 |
               5,400 tok/s | mfu 12.3% | eta 2m13s
     jsonl     {"step": 120, "loss": 4.123, "mtp_loss": ..., "tokens_per_s": ..., "mfu": ...,
-               "expert_load": [per-expert share, mean over layers], ...}
+               "expert_load": [per-expert share, mean over layers], "dropped_tokens": ...,
+               "mtp_aux_loss": ..., "mtp_expert_load": [...] (MoE MTP head), ...}
               "loss" is the mean main loss over the steps since the last logged step (finite
               ones), "loss_last" that of the logged step alone; the other values are the
               logged step's own
-    events    the same scalars under their names, expert loads as expert_load/<e>
+    events    the same scalars under their names, expert loads as expert_load/<e> (and
+              mtp_expert_load/<e>)
+The console adds "mtp aux" for an MoE MTP head and "dropped N" when a capacity factor dropped
+routed rows.
 
 Throughput counts every position of every row (batch_size * seq_len per step) over the wall time
 between two logged steps; the interval that contains compilation is not reported. MFU is model
@@ -99,11 +103,11 @@ class MetricsLogger:
         row: dict[str, Any] = {"step": int(step)}
         for key, value in metrics.items():
             value = np.asarray(value)
-            if key == "expert_load":
+            if key in ("expert_load", "mtp_expert_load"):
                 load_E = value.mean(axis=0)
-                row["expert_load"] = [round(float(x), 5) for x in load_E]
-                row["expert_load_max"] = float(load_E.max())
-                row["expert_load_min"] = float(load_E.min())
+                row[key] = [round(float(x), 5) for x in load_E]
+                row[f"{key}_max"] = float(load_E.max())
+                row[f"{key}_min"] = float(load_E.min())
             elif value.dtype == bool:
                 row[key] = bool(value)
             else:
@@ -126,13 +130,10 @@ class MetricsLogger:
     def _write(self, row: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(row) + "\n")
         self._jsonl.flush()
-        scalars = {
-            k: v
-            for k, v in row.items()
-            if k not in ("step", "expert_load") and isinstance(v, (int, float))
-        }
-        for e, load in enumerate(row.get("expert_load", [])):
-            scalars[f"expert_load/{e}"] = load
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        for key in ("expert_load", "mtp_expert_load"):
+            for e, load in enumerate(row.get(key, [])):
+                scalars[f"{key}/{e}"] = load
         self._events.scalars(row["step"], scalars)
         print(self.console_line(row), flush=True)
 
@@ -143,6 +144,10 @@ class MetricsLogger:
         if "expert_load" in row:
             parts.append(f"aux {row['aux_loss']:.3f}")
             parts.append(f"load {row['expert_load_min']:.2f}-{row['expert_load_max']:.2f}")
+        if "mtp_aux_loss" in row:
+            parts.append(f"mtp aux {row['mtp_aux_loss']:.3f}")
+        if row.get("dropped_tokens"):
+            parts.append(f"dropped {row['dropped_tokens']:,.0f}")
         parts += [f"lr {row['lr']:.2e}", f"gnorm {row['grad_norm']:.3f}"]
         if row.get("skipped"):
             parts.append(f"skipped {row['skipped']}")

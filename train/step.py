@@ -27,7 +27,10 @@ no checkpoint ever holds one (train/divergence.py stops a run that keeps skippin
 Metrics (scalars unless noted): loss (main next-token CE), mtp_loss, z_loss (coefficient x mean
 logsumexp^2), lse_sq (mean logsumexp^2), aux_loss (unscaled), objective, grad_norm (before
 clipping), lr, finite, update_finite, skipped, tokens (targets counted),
-expert_load [L, E] (MoE only; fraction of top-k assignments per expert per layer).
+expert_load [L, E] (MoE only; fraction of top-k assignments per expert per layer),
+dropped_tokens (MoE only; routed rows dropped by `runtime.moe_capacity_factor`, main + MTP),
+mtp_aux_loss and mtp_expert_load [mtp layers, E] (MoE MTP head, when trained; reported, not
+part of the objective).
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ def micro_losses(
         coef = model_cfg.text_config.router_aux_loss_coef
         objective = objective + coef * out.aux_loss / num_micro
         sums["expert_load"] = out.expert_load
+        sums["dropped"] = out.dropped_tokens
+        if with_mtp:
+            sums["mtp_aux"], sums["mtp_expert_load"] = out.mtp_aux_loss, out.mtp_expert_load
     return objective, sums
 
 
@@ -153,9 +159,9 @@ def make_train_step(
 
             init = (jnp.zeros((), jnp.float32), zero_sums, zero_grads)
             (objective, sums, grads), _ = jax.lax.scan(accumulate, init, micro)
-            sums["aux"] = sums["aux"] / num_micro
-            if "expert_load" in sums:
-                sums["expert_load"] = sums["expert_load"] / num_micro
+            for mean in ("aux", "expert_load", "mtp_aux", "mtp_expert_load"):  # dropped: a sum
+                if mean in sums:
+                    sums[mean] = sums[mean] / num_micro
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         grad_norm = optax.tree.norm(grads)
@@ -188,6 +194,10 @@ def make_train_step(
             metrics["mtp_loss"] = sums["mtp"] / jnp.maximum(n_mtp, 1.0)
         if "expert_load" in sums:
             metrics["expert_load"] = sums["expert_load"]
+            metrics["dropped_tokens"] = sums["dropped"]
+        if "mtp_aux" in sums:
+            metrics["mtp_aux_loss"] = sums["mtp_aux"]
+            metrics["mtp_expert_load"] = sums["mtp_expert_load"]
         return new_state, metrics
 
     return train_step

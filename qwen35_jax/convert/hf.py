@@ -23,6 +23,7 @@ from qwen35_jax.config import Qwen35Config
 from qwen35_jax.convert.hf_names import Rule, hf_rules
 from qwen35_jax.convert.safetensors_io import SafetensorsError, SafetensorsFile
 from qwen35_jax.convert.vision_names import detect_prefix
+from qwen35_jax.hf_config import from_hf as config_from_hf
 from qwen35_jax.model import abstract_params
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def detect_layout(keys: list[str]) -> tuple[bool, bool]:
     return multimodal, fused
 
 
-def _describe(problems: dict[str, list[str]], path: str) -> str:
+def describe_problems(problems: dict[str, list[str]], path: str) -> str:
     lines = [f"checkpoint {path} does not match its config:"]
     for title, items in problems.items():
         if items:
@@ -88,7 +89,7 @@ def load_hf(
     """Read a Hugging Face checkpoint directory: (config, params) with params in `dtype`."""
     path = os.fspath(path)
     if config is None:
-        config = Qwen35Config.from_hf(path)
+        config = config_from_hf(path)
     files = shard_files(path)
     # list all keys first (headers only) to detect the layout
     all_keys, headers = [], {}
@@ -150,7 +151,7 @@ def load_hf(
         st.close()
     problems["missing"] = sorted(k for k in rules if k not in seen)
     if any(problems.values()):
-        raise CheckpointError(_describe(problems, path))
+        raise CheckpointError(describe_problems(problems, path))
     if skipped_vision:
         log.warning(
             "load_hf: skipped %d vision tensors (model.visual.*): the config has no vision_config",

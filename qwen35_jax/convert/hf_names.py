@@ -14,79 +14,13 @@ The MTP head's layers are unstacked: mtp/layers_{j}.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import numpy as np
 
 from qwen35_jax.config import Qwen35Config, TextConfig
+from qwen35_jax.convert.pieces import Piece, Rule, conv, linear, linear_rows_first, reshape, same
+from qwen35_jax.convert.vision_names import vision_rules
 
-Array = np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    path: tuple[str, ...]
-    index: tuple[int, ...]
-    to_ours: Callable[[Array], Array]
-    to_hf: Callable[[Array], Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    key: str
-    shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
-    split_axis: int = 0
-    split_sizes: tuple[int, ...] = ()
-
-    def split(self, tensor: Array) -> list[Array]:
-        if len(self.pieces) == 1:
-            return [tensor]
-        bounds = np.cumsum(self.split_sizes)[:-1]
-        return np.split(tensor, bounds, axis=self.split_axis)
-
-    def join(self, parts: list[Array]) -> Array:
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.split_axis)
-
-
-def _same(path, index=()) -> Piece:
-    return Piece(path, index, lambda a: a, lambda a: a)
-
-
-def _linear(path, index, ours_shape, hf_shape) -> Piece:
-    """HF Linear weight [out, in] <-> ours [in, ...out] (transposed, out axes split)."""
-    return Piece(
-        path,
-        index,
-        lambda a: a.T.reshape(ours_shape),
-        lambda a: a.reshape(hf_shape[::-1]).T,
-    )
-
-
-def _linear_rows_first(path, index, ours_shape, hf_shape) -> Piece:
-    """HF Linear weight [out, in] whose *input* splits into heads: ours [...in, out]."""
-    return Piece(
-        path,
-        index,
-        lambda a: a.T.reshape(ours_shape),
-        lambda a: a.reshape(hf_shape[1], hf_shape[0]).T,
-    )
-
-
-def _conv(path, index, ours_shape) -> Piece:
-    """HF depthwise conv weight [C, 1, W] <-> ours [W, heads, dim]."""
-    width = ours_shape[0]
-    return Piece(
-        path,
-        index,
-        lambda a: a[:, 0, :].T.reshape(ours_shape),
-        lambda a: a.reshape(width, -1).T[:, None, :],
-    )
-
-
-def _reshape(path, index, ours_shape, hf_shape) -> Piece:
-    return Piece(path, index, lambda a: a.reshape(ours_shape), lambda a: a.reshape(hf_shape))
+__all__ = ["Piece", "Rule", "hf_rules", "layer_rules"]
 
 
 def _mlp_rules(prefix, path, index, d, i) -> list[Rule]:
@@ -94,17 +28,17 @@ def _mlp_rules(prefix, path, index, d, i) -> list[Rule]:
         Rule(
             f"{prefix}.gate_proj.weight",
             (i, d),
-            (_linear((*path, "gate_proj"), index, (d, i), (i, d)),),
+            (linear((*path, "gate_proj"), index, (d, i), (i, d)),),
         ),
         Rule(
             f"{prefix}.up_proj.weight",
             (i, d),
-            (_linear((*path, "up_proj"), index, (d, i), (i, d)),),
+            (linear((*path, "up_proj"), index, (d, i), (i, d)),),
         ),
         Rule(
             f"{prefix}.down_proj.weight",
             (d, i),
-            (_linear((*path, "down_proj"), index, (i, d), (d, i)),),
+            (linear((*path, "down_proj"), index, (i, d), (d, i)),),
         ),
     ]
 
@@ -123,12 +57,12 @@ def layer_rules(
         Rule(
             f"{prefix}.input_layernorm.weight",
             (d,),
-            (_same((*path, "input_layernorm", "scale"), index),),
+            (same((*path, "input_layernorm", "scale"), index),),
         ),
         Rule(
             f"{prefix}.post_attention_layernorm.weight",
             (d,),
-            (_same((*path, "post_attention_layernorm", "scale"), index),),
+            (same((*path, "post_attention_layernorm", "scale"), index),),
         ),
     ]
     if kind == "linear_attention":
@@ -147,9 +81,9 @@ def layer_rules(
                 f"{pre}.in_proj_qkv.weight",
                 (conv_dim, d),
                 (
-                    _linear((*p, "in_proj_q"), index, (d, nk, kd), (nk * kd, d)),
-                    _linear((*p, "in_proj_k"), index, (d, nk, kd), (nk * kd, d)),
-                    _linear((*p, "in_proj_v"), index, (d, nv, vd), (nv * vd, d)),
+                    linear((*p, "in_proj_q"), index, (d, nk, kd), (nk * kd, d)),
+                    linear((*p, "in_proj_k"), index, (d, nk, kd), (nk * kd, d)),
+                    linear((*p, "in_proj_v"), index, (d, nv, vd), (nv * vd, d)),
                 ),
                 0,
                 sizes,
@@ -158,9 +92,9 @@ def layer_rules(
                 f"{pre}.conv1d.weight",
                 (conv_dim, 1, w),
                 (
-                    _conv((*p, "conv_q"), index, (w, nk, kd)),
-                    _conv((*p, "conv_k"), index, (w, nk, kd)),
-                    _conv((*p, "conv_v"), index, (w, nv, vd)),
+                    conv((*p, "conv_q"), index, (w, nk, kd)),
+                    conv((*p, "conv_k"), index, (w, nk, kd)),
+                    conv((*p, "conv_v"), index, (w, nv, vd)),
                 ),
                 0,
                 sizes,
@@ -168,25 +102,25 @@ def layer_rules(
             Rule(
                 f"{pre}.in_proj_z.weight",
                 (nv * vd, d),
-                (_linear((*p, "in_proj_z"), index, (d, nv, vd), (nv * vd, d)),),
+                (linear((*p, "in_proj_z"), index, (d, nv, vd), (nv * vd, d)),),
             ),
             Rule(
                 f"{pre}.in_proj_b.weight",
                 (nv, d),
-                (_linear((*p, "in_proj_b"), index, (d, nv), (nv, d)),),
+                (linear((*p, "in_proj_b"), index, (d, nv), (nv, d)),),
             ),
             Rule(
                 f"{pre}.in_proj_a.weight",
                 (nv, d),
-                (_linear((*p, "in_proj_a"), index, (d, nv), (nv, d)),),
+                (linear((*p, "in_proj_a"), index, (d, nv), (nv, d)),),
             ),
-            Rule(f"{pre}.A_log", (nv,), (_same((*p, "A_log"), index),)),
-            Rule(f"{pre}.dt_bias", (nv,), (_same((*p, "dt_bias"), index),)),
-            Rule(f"{pre}.norm.weight", (vd,), (_same((*p, "norm", "scale"), index),)),
+            Rule(f"{pre}.A_log", (nv,), (same((*p, "A_log"), index),)),
+            Rule(f"{pre}.dt_bias", (nv,), (same((*p, "dt_bias"), index),)),
+            Rule(f"{pre}.norm.weight", (vd,), (same((*p, "norm", "scale"), index),)),
             Rule(
                 f"{pre}.out_proj.weight",
                 (d, nv * vd),
-                (_linear_rows_first((*p, "out_proj"), index, (nv, vd, d), (d, nv * vd)),),
+                (linear_rows_first((*p, "out_proj"), index, (nv, vd, d), (d, nv * vd)),),
             ),
         ]
     else:
@@ -196,55 +130,55 @@ def layer_rules(
             Rule(
                 f"{pre}.q_proj.weight",
                 (n * 2 * h, d),
-                (_linear((*p, "q_proj"), index, (d, n, 2 * h), (n * 2 * h, d)),),
+                (linear((*p, "q_proj"), index, (d, n, 2 * h), (n * 2 * h, d)),),
             ),
             Rule(
                 f"{pre}.k_proj.weight",
                 (g * h, d),
-                (_linear((*p, "k_proj"), index, (d, g, h), (g * h, d)),),
+                (linear((*p, "k_proj"), index, (d, g, h), (g * h, d)),),
             ),
             Rule(
                 f"{pre}.v_proj.weight",
                 (g * h, d),
-                (_linear((*p, "v_proj"), index, (d, g, h), (g * h, d)),),
+                (linear((*p, "v_proj"), index, (d, g, h), (g * h, d)),),
             ),
             Rule(
                 f"{pre}.o_proj.weight",
                 (d, n * h),
-                (_linear_rows_first((*p, "o_proj"), index, (n, h, d), (d, n * h)),),
+                (linear_rows_first((*p, "o_proj"), index, (n, h, d), (d, n * h)),),
             ),
-            Rule(f"{pre}.q_norm.weight", (h,), (_same((*p, "q_norm", "scale"), index),)),
-            Rule(f"{pre}.k_norm.weight", (h,), (_same((*p, "k_norm", "scale"), index),)),
+            Rule(f"{pre}.q_norm.weight", (h,), (same((*p, "q_norm", "scale"), index),)),
+            Rule(f"{pre}.k_norm.weight", (h,), (same((*p, "k_norm", "scale"), index),)),
         ]
         if c.attention_bias:
             rules += [
                 Rule(
                     f"{pre}.q_proj.bias",
                     (n * 2 * h,),
-                    (_reshape((*p, "q_bias"), index, (n, 2 * h), (n * 2 * h,)),),
+                    (reshape((*p, "q_bias"), index, (n, 2 * h), (n * 2 * h,)),),
                 ),
                 Rule(
                     f"{pre}.k_proj.bias",
                     (g * h,),
-                    (_reshape((*p, "k_bias"), index, (g, h), (g * h,)),),
+                    (reshape((*p, "k_bias"), index, (g, h), (g * h,)),),
                 ),
                 Rule(
                     f"{pre}.v_proj.bias",
                     (g * h,),
-                    (_reshape((*p, "v_bias"), index, (g, h), (g * h,)),),
+                    (reshape((*p, "v_bias"), index, (g, h), (g * h,)),),
                 ),
-                Rule(f"{pre}.o_proj.bias", (d,), (_same((*p, "o_bias"), index),)),
+                Rule(f"{pre}.o_proj.bias", (d,), (same((*p, "o_bias"), index),)),
             ]
     p, pre = (*path, "mlp"), f"{prefix}.mlp"
     if not c.is_moe:
         return rules + _mlp_rules(pre, p, index, d, c.intermediate_size)
     e, i, s = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
     rules += [
-        Rule(f"{pre}.gate.weight", (e, d), (_linear((*p, "gate"), index, (d, e), (e, d)),)),
+        Rule(f"{pre}.gate.weight", (e, d), (linear((*p, "gate"), index, (d, e), (e, d)),)),
         Rule(
             f"{pre}.shared_expert_gate.weight",
             (1, d),
-            (_reshape((*p, "shared_expert_gate"), index, (d,), (1, d)),),
+            (reshape((*p, "shared_expert_gate"), index, (d,), (1, d)),),
         ),
         *_mlp_rules(f"{pre}.shared_expert", (*p, "shared_expert"), index, d, s),
     ]
@@ -287,11 +221,11 @@ def hf_rules(
     d, v = c.hidden_size, c.vocab_size
     base = "model.language_model" if multimodal_prefix else "model"
     rules = [
-        Rule(f"{base}.embed_tokens.weight", (v, d), (_same(("embed_tokens",)),)),
-        Rule(f"{base}.norm.weight", (d,), (_same(("norm", "scale")),)),
+        Rule(f"{base}.embed_tokens.weight", (v, d), (same(("embed_tokens",)),)),
+        Rule(f"{base}.norm.weight", (d,), (same(("norm", "scale")),)),
     ]
     if not c.tie_word_embeddings:
-        rules.append(Rule("lm_head.weight", (v, d), (_linear(("lm_head",), (), (d, v), (v, d)),)))
+        rules.append(Rule("lm_head.weight", (v, d), (linear(("lm_head",), (), (d, v), (v, d)),)))
     interval, nb = c.full_attention_interval, c.num_blocks
     for layer, kind in enumerate(c.layer_types):
         if layer < nb * interval:
@@ -305,19 +239,17 @@ def hf_rules(
         rules += layer_rules(c, f"{base}.layers.{layer}", path, index, kind, fused_experts)
     if c.mtp_num_hidden_layers:
         rules += [
-            Rule(
-                "mtp.fc.weight", (d, 2 * d), (_linear(("mtp", "fc"), (), (2 * d, d), (d, 2 * d)),)
-            ),
-            Rule("mtp.norm.weight", (d,), (_same(("mtp", "norm", "scale")),)),
+            Rule("mtp.fc.weight", (d, 2 * d), (linear(("mtp", "fc"), (), (2 * d, d), (d, 2 * d)),)),
+            Rule("mtp.norm.weight", (d,), (same(("mtp", "norm", "scale")),)),
             Rule(
                 "mtp.pre_fc_norm_embedding.weight",
                 (d,),
-                (_same(("mtp", "pre_fc_norm_embedding", "scale")),),
+                (same(("mtp", "pre_fc_norm_embedding", "scale")),),
             ),
             Rule(
                 "mtp.pre_fc_norm_hidden.weight",
                 (d,),
-                (_same(("mtp", "pre_fc_norm_hidden", "scale")),),
+                (same(("mtp", "pre_fc_norm_hidden", "scale")),),
             ),
         ]
         for j in range(c.mtp_num_hidden_layers):
@@ -325,7 +257,5 @@ def hf_rules(
                 c, f"mtp.layers.{j}", ("mtp", f"layers_{j}"), (), "full_attention", fused_experts
             )
     if vision_prefix is not None and config.vision_config is not None:
-        from qwen35_jax.convert.vision_names import vision_rules  # imports this module
-
         rules += vision_rules(config.vision_config, vision_prefix)
     return rules

@@ -12,7 +12,7 @@ one tensor (one expert matrix) plus the runtime, whatever the model size. Everyt
 
 Layout of the output directory::
 
-    config.json    the source config.json (transformers and `Qwen35Config.from_hf` read it)
+    config.json    the source config.json (transformers and `config_from_hf` read it)
     tokenizer.json and the other `SIDE_FILES` of the source, when present (copied both ways)
     convert.json   format, leaf paths and dtypes, source layout (prefixes, fused experts) and
                    each source tensor's dtype (so the export writes the same dtypes)
@@ -48,7 +48,7 @@ from qwen35_jax.config import Qwen35Config
 from qwen35_jax.convert.hf import (
     VISION_PREFIXES,
     CheckpointError,
-    _describe,
+    describe_problems,
     detect_layout,
     shard_files,
 )
@@ -77,6 +77,7 @@ from qwen35_jax.convert.safetensors_io import (
     write_safetensors,
 )
 from qwen35_jax.convert.vision_names import detect_prefix
+from qwen35_jax.hf_config import from_hf as config_from_hf
 
 DEFAULT_SHARD_BYTES = 2 * 10**9
 RELEASE_BYTES = 16 << 20  # hand freed heap back to the OS after tensors this large
@@ -131,12 +132,12 @@ def _read(st: SafetensorsFile, key: str) -> np.ndarray:
     count = int(np.prod(info["shape"], dtype=np.int64))
     out = np.empty(count, dtype)
     with open(st.path, "rb") as f:
-        f.seek(st._data_start + begin)
+        f.seek(st.data_start + begin)
         n = f.readinto(out.view(np.uint8)) if count else 0
     if n != end - begin:
         raise SafetensorsError(
-            f"{st.path}: truncated: tensor {key} needs bytes up to {st._data_start + end}, "
-            f"the file has {st._size}"
+            f"{st.path}: truncated: tensor {key} needs bytes up to {st.data_start + end}, "
+            f"the file has {st.size}"
         )
     return out.reshape(info["shape"])
 
@@ -149,10 +150,10 @@ def _check_extent(st: SafetensorsFile, key: str) -> str | None:
     count = int(np.prod(info["shape"], dtype=np.int64))
     if end - begin != count * DTYPES[info["dtype"]].itemsize:
         return f"{st.path}: {key}: byte length does not match its shape"
-    if st._data_start + end > st._size:
+    if st.data_start + end > st.size:
         return (
-            f"{st.path}: truncated: tensor {key} needs bytes up to {st._data_start + end}, "
-            f"the file has {st._size}"
+            f"{st.path}: truncated: tensor {key} needs bytes up to {st.data_start + end}, "
+            f"the file has {st.size}"
         )
     return None
 
@@ -185,7 +186,7 @@ def hf_to_orbax(
     Raises `CheckpointError` (all problems listed) or `ConfigError` before writing anything.
     """
     hf_dir, out = os.fspath(hf_dir), os.fspath(out)
-    config = Qwen35Config.from_hf(hf_dir)
+    config = config_from_hf(hf_dir)
     files = shard_files(hf_dir)
     headers: dict[str, SafetensorsFile] = {}
     unreadable: list[str] = []
@@ -237,7 +238,7 @@ def hf_to_orbax(
             where[key] = st
     problems["missing"] = sorted(k for k in rules if k not in where and k not in misshaped)
     if any(problems.values()):
-        raise CheckpointError(_describe(problems, hf_dir))
+        raise CheckpointError(describe_problems(problems, hf_dir))
 
     shapes = leaf_shapes(config)
     src_dtypes = {k: where[k].header[k]["dtype"] for k in rules}
@@ -333,7 +334,7 @@ def restore_params(
 
     ckpt_dir = os.fspath(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    config = Qwen35Config.from_hf(ckpt_dir)
+    config = config_from_hf(ckpt_dir)
     shapes = leaf_shapes(config)
     stored = {tuple(n.split("/")) for n in meta["leaves"]}
     if stored != set(shapes):
@@ -451,7 +452,7 @@ def orbax_to_hf(
 
         return trainer_export.export(ckpt_dir, out, max_shard_bytes, progress, dtype)
     meta = read_meta(ckpt_dir)
-    config = Qwen35Config.from_hf(ckpt_dir)
+    config = config_from_hf(ckpt_dir)
     rule_list = hf_rules(
         config,
         multimodal_prefix=meta["multimodal_prefix"],

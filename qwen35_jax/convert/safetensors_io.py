@@ -56,8 +56,8 @@ class SafetensorsFile:
                 raise SafetensorsError(f"{self.path}: corrupt header ({e})") from None
         header.pop("__metadata__", None)
         self.header: dict[str, dict] = header
-        self._data_start = 8 + n
-        self._size = size
+        self.data_start = 8 + n  # byte offset of the tensor data (after the header)
+        self.size = size  # file size in bytes
         self._mmap: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
@@ -73,10 +73,10 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: {name} has unsupported dtype {info['dtype']}")
         dtype = DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
-        if self._data_start + end > self._size:
+        if self.data_start + end > self.size:
             raise SafetensorsError(
                 f"{self.path}: truncated: tensor {name} needs bytes up to "
-                f"{self._data_start + end}, the file has {self._size}"
+                f"{self.data_start + end}, the file has {self.size}"
             )
         count = int(np.prod(info["shape"], dtype=np.int64))
         if (end - begin) != count * dtype.itemsize:
@@ -84,7 +84,7 @@ class SafetensorsFile:
         if self._mmap is None:
             with open(self.path, "rb") as f:
                 self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self._data_start + begin)
+        buf = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self.data_start + begin)
         return buf.reshape(info["shape"])
 
     def close(self) -> None:

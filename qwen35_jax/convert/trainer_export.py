@@ -9,7 +9,7 @@ beside `checkpoints/`) gives the model (`model`), the checkpoint directory and t
 
 Output, written into `<out>.tmp-XXXX` and renamed when complete:
 
-    config.json          `Qwen35Config.to_hf()` of the run's model, with `dtype` and the eos id
+    config.json          `config_to_hf(config)` of the run's model, with `dtype` and the eos id
     model-*.safetensors  the parameters `params/...` of the TrainState (the optimizer moments
                          are not read), split into the Hugging Face tensors (`hf_names.hf_rules`;
                          experts fused as transformers writes them; `model.language_model.` and
@@ -46,6 +46,7 @@ from qwen35_jax.convert.orbax_layout import (
     finish,
     leaf_shapes,
 )
+from qwen35_jax.hf_config import to_hf as config_to_hf
 
 _NOTE = """# Tokenizer of this checkpoint
 
@@ -214,7 +215,7 @@ def export(ckpt: str, out: str, max_shard_bytes: int, progress: bool, dtype: str
 
         write_hf_shards(tmp, rule_list, _open_leaf(state_dir), dtype_of, max_shard_bytes, bar)
         _tokenizer_files(run, workdir, tmp, config)
-        hf = config.to_hf()
+        hf = config_to_hf(config)
         hf["dtype"] = "bfloat16" if "bfloat16" in out_dtype else "float32"
         eos = _eos_id(tmp)
         if eos is not None:

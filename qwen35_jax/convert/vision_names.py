@@ -21,14 +21,7 @@ stride equals its kernel, is the linear map of a flattened (C, Tp, ps, ps) patch
 from __future__ import annotations
 
 from qwen35_jax.config import VisionConfig
-from qwen35_jax.convert.hf_names import (
-    Piece,
-    Rule,
-    _linear,
-    _linear_rows_first,
-    _reshape,
-    _same,
-)
+from qwen35_jax.convert.pieces import Piece, Rule, linear, linear_rows_first, reshape, same
 
 PREFIXES = ("model.visual.", "visual.")
 
@@ -52,16 +45,16 @@ def _dense(
         Rule(
             f"{key}.weight",
             (n_out, fan_in),
-            (_linear((*path, "kernel"), index, (fan_in, *out_shape), (n_out, fan_in)),),
+            (linear((*path, "kernel"), index, (fan_in, *out_shape), (n_out, fan_in)),),
         ),
-        Rule(f"{key}.bias", (n_out,), (_reshape((*path, "bias"), index, out_shape, (n_out,)),)),
+        Rule(f"{key}.bias", (n_out,), (reshape((*path, "bias"), index, out_shape, (n_out,)),)),
     ]
 
 
 def _norm(key: str, path: tuple[str, ...], index: tuple[int, ...], w: int) -> list[Rule]:
     return [
-        Rule(f"{key}.weight", (w,), (_same((*path, "scale"), index),)),
-        Rule(f"{key}.bias", (w,), (_same((*path, "bias"), index),)),
+        Rule(f"{key}.weight", (w,), (same((*path, "scale"), index),)),
+        Rule(f"{key}.bias", (w,), (same((*path, "bias"), index),)),
     ]
 
 
@@ -86,11 +79,11 @@ def vision_rules(v: VisionConfig, prefix: str = "model.visual.") -> list[Rule]:
                 ),
             ),
         ),
-        Rule(f"{prefix}patch_embed.proj.bias", (w,), (_same((*root, "patch_embed", "bias")),)),
+        Rule(f"{prefix}patch_embed.proj.bias", (w,), (same((*root, "patch_embed", "bias")),)),
         Rule(
             f"{prefix}pos_embed.weight",
             (v.num_position_embeddings, w),
-            (_same((*root, "pos_embed")),),
+            (same((*root, "pos_embed")),),
         ),
     ]
     blocks = (*root, "blocks")
@@ -103,9 +96,9 @@ def vision_rules(v: VisionConfig, prefix: str = "model.visual.") -> list[Rule]:
             Rule(
                 f"{key}.attn.proj.weight",
                 (w, w),
-                (_linear_rows_first((*blocks, "attn", "proj", "kernel"), idx, (n, h, w), (w, w)),),
+                (linear_rows_first((*blocks, "attn", "proj", "kernel"), idx, (n, h, w), (w, w)),),
             ),
-            Rule(f"{key}.attn.proj.bias", (w,), (_same((*blocks, "attn", "proj", "bias"), idx),)),
+            Rule(f"{key}.attn.proj.bias", (w,), (same((*blocks, "attn", "proj", "bias"), idx),)),
         ]
         rules += _dense(f"{key}.mlp.linear_fc1", (*blocks, "linear_fc1"), idx, w, (i,))
         rules += _dense(f"{key}.mlp.linear_fc2", (*blocks, "linear_fc2"), idx, i, (w,))

@@ -37,11 +37,9 @@ from flax import linen as nn
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import apply_rotary
-from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.layers.weights import ZEROS, RuntimeDtypes, weight
 from qwen35_jax.ops.attention import blocked_attention
 from qwen35_jax.runtime import Runtime
-
-KERNEL_INIT = nn.initializers.normal(0.02)
 
 
 class KVCache(NamedTuple):
@@ -98,21 +96,6 @@ class GatedAttention(RuntimeDtypes, nn.Module):
     config: TextConfig
     runtime: Runtime = Runtime()
 
-    def _proj(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
-        kernel = self.param(
-            name, nn.with_logical_partitioning(KERNEL_INIT, axes), shape, self.param_dtype
-        )
-        return kernel.astype(self.dtype)
-
-    def _bias(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
-        bias = self.param(
-            name,
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), axes),
-            shape,
-            self.param_dtype,
-        )
-        return bias.astype(self.dtype)
-
     @nn.compact
     def __call__(
         self,
@@ -135,19 +118,24 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         d, n, g, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         x_BTD = x_BTD.astype(self.dtype)
 
-        wq = self._proj("q_proj", (d, n, 2 * h), ("embed", "heads", "head_dim"))
-        wk = self._proj("k_proj", (d, g, h), ("embed", "kv_heads", "head_dim"))
-        wv = self._proj("v_proj", (d, g, h), ("embed", "kv_heads", "head_dim"))
-        wo = self._proj("o_proj", (n, h, d), ("heads", "head_dim", "embed"))
+        wq = weight(self, "q_proj", (d, n, 2 * h), ("embed", "heads", "head_dim"))
+        wk = weight(self, "k_proj", (d, g, h), ("embed", "kv_heads", "head_dim"))
+        wv = weight(self, "v_proj", (d, g, h), ("embed", "kv_heads", "head_dim"))
+        wo = weight(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"))
         qg_BTNH2 = jnp.einsum("btd,dnh->btnh", x_BTD, wq)
         k_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, wk)
         v_BTGH = jnp.einsum("btd,dgh->btgh", x_BTD, wv)
         if c.attention_bias:
             qg_BTNH2 = (
-                qg_BTNH2 + self._bias("q_bias", (n, 2 * h), ("heads", "head_dim"))[None, None]
+                qg_BTNH2
+                + weight(self, "q_bias", (n, 2 * h), ("heads", "head_dim"), ZEROS)[None, None]
             )
-            k_BTGH = k_BTGH + self._bias("k_bias", (g, h), ("kv_heads", "head_dim"))[None, None]
-            v_BTGH = v_BTGH + self._bias("v_bias", (g, h), ("kv_heads", "head_dim"))[None, None]
+            k_BTGH = (
+                k_BTGH + weight(self, "k_bias", (g, h), ("kv_heads", "head_dim"), ZEROS)[None, None]
+            )
+            v_BTGH = (
+                v_BTGH + weight(self, "v_bias", (g, h), ("kv_heads", "head_dim"), ZEROS)[None, None]
+            )
         q_BTNH, gate_BTNH = qg_BTNH2[..., :h], qg_BTNH2[..., h:]
 
         q_BTNH = RMSNorm(c.rms_norm_eps, self.param_dtype, name="q_norm")(q_BTNH)
@@ -177,7 +165,7 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         out_BTNH = out_BTNH * jax.nn.sigmoid(gate_BTNH.astype(jnp.float32)).astype(self.dtype)
         y_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, wo)
         if c.attention_bias:
-            y_BTD = y_BTD + self._bias("o_bias", (d,), ("embed",))[None, None]
+            y_BTD = y_BTD + weight(self, "o_bias", (d,), ("embed",), ZEROS)[None, None]
         if cache is not None or return_cache:
             return y_BTD, new_cache
         return y_BTD

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from qwen35_jax import sharding
@@ -29,7 +30,7 @@ from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.attention import GatedAttention
 from qwen35_jax.layers.gated_deltanet import GatedDeltaNet
 from qwen35_jax.layers.mlp import MLP
-from qwen35_jax.layers.moe import MoE
+from qwen35_jax.layers.moe import MoE, RouterStats
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.weights import RuntimeDtypes
 from qwen35_jax.runtime import Runtime
@@ -60,7 +61,8 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
     @nn.compact
     def __call__(
         self, x_BTD: jax.Array, ctx: LayerContext, cache=None, *, return_cache: bool = False
-    ) -> tuple[jax.Array, dict] | tuple[jax.Array, dict, tuple]:
+    ) -> tuple[jax.Array, RouterStats | None] | tuple[jax.Array, RouterStats | None, tuple]:
+        """(x_BTD, the MoE router statistics (None for a dense FFN)[, the layer's new cache])."""
         c, rt = self.config, self.runtime
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_BTD)
         decoding = cache is not None or return_cache
@@ -90,7 +92,7 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
             h_BTD, stats = MoE(c, rt, name="mlp")(h_BTD, ctx.valid_BT)
         else:
             mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype, self.param_dtype, name="mlp")
-            h_BTD, stats = mlp(h_BTD), {}
+            h_BTD, stats = mlp(h_BTD), None
         x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
         x_BTD = sharding.constrain(x_BTD, ("batch", "length", "activation_embed"))
         if decoding:
@@ -124,13 +126,23 @@ class Block(nn.Module):
     runtime: Runtime = Runtime()
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, dict]:
+    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, RouterStats | None]:
+        """(x_BTD, router statistics [interval, ...] in layer order; None when dense)."""
         c, rt = self.config, self.runtime
         cls = layer_class(rt.remat_policy)
         n_linear = c.full_attention_interval - 1
-        stats = {}
+        per_layer = []
         if n_linear:
             stack = scanned_layers(cls, n_linear, "sublayers")
-            x_BTD, stats["linear"] = stack(c, LINEAR, rt, name="linear_layers")(x_BTD, ctx)
-        x_BTD, stats["full"] = cls(c, FULL, rt, name="full_layer")(x_BTD, ctx)
-        return x_BTD, stats
+            x_BTD, linear_stats = stack(c, LINEAR, rt, name="linear_layers")(x_BTD, ctx)
+            per_layer.append(linear_stats)
+        x_BTD, full_stats = cls(c, FULL, rt, name="full_layer")(x_BTD, ctx)
+        if full_stats is None:
+            return x_BTD, None
+        per_layer.append(jax.tree.map(lambda a: a[None], full_stats))
+        return x_BTD, concat_layers(per_layer)
+
+
+def concat_layers(stats: list[RouterStats]) -> RouterStats:
+    """Per-layer statistics with leading layer axes, joined along axis 0 (in layer order)."""
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *stats)

@@ -13,11 +13,13 @@
 The recurrence runs in `qwen35_jax.ops.gated_delta_rule` (chunkwise parallel, state reset at
 every document start given by `segment_ids`; 0 marks padding and leaves the state untouched).
 
-Sequence parallelism: under a mesh (`jax.set_mesh`) whose `sequence` axis has n > 1 devices, and
-when T divides into slices of at least W-1 tokens, the conv and the recurrence run per slice in a
-`shard_map` over that axis (`qwen35_jax.ops.sequence_parallel`): each device takes the last W-1
-conv inputs of the previous slice as a halo and combines the slices' affine state maps. Otherwise
-(no mesh, n = 1, or T not divisible) the single-device code below runs unchanged.
+Sequence parallelism: under a mesh (`jax.set_mesh`) whose sequence axis (the sharding table's
+axis for `length`) has Z > 1 devices, the conv and the recurrence run per slice of T/Z tokens in
+`ops.sequence_parallel_gated_delta_rule` (one `shard_map`): each device takes the last W-1 conv
+inputs of the previous slice as a halo and combines the slices' affine state maps. Without such
+an axis the single-device code below runs. A T that does not split into Z slices of >= W-1
+tokens (generation, evaluation) also runs it, with a one-time warning; the trainer refuses such
+a train.seq_len before any compute.
 
 Decoding (`GDNCache`): `layer(x, segment_ids, return_cache=True)` is a prefill that also returns
 the cache of each row's last document: the last W-1 conv inputs (pre-conv projections; zeros
@@ -37,22 +39,21 @@ one conv, channel order [q (Nk*K) | k (Nk*K) | v (Nv*V)]; we keep them per head:
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.sharding import PartitionSpec as P
 
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import GatedRMSNorm
-from qwen35_jax.layers.weights import RuntimeDtypes
+from qwen35_jax.layers.weights import ONES, RuntimeDtypes, weight
 from qwen35_jax.ops import gated_delta_rule, gated_delta_rule_step
 from qwen35_jax.ops import sequence_parallel as sp
 from qwen35_jax.runtime import Runtime
-
-KERNEL_INIT = nn.initializers.normal(0.02)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -121,26 +122,36 @@ def _conv_features(qp, kp, vp, cq, ck, cv, segment_ids_BT, rep, dtype, halos=Non
     return q_BTHK, k_BTHK, v_BTHV
 
 
-def _sequence_parallel_mix(qp, kp, vp, cq, ck, cv, g, beta, segment_ids_BT, rep, dtype, chunk):
-    """The conv and the recurrence per slice of the `sequence` axis: (o_BTHV, final state)."""
-    width = cq.shape[0]
+def _halo_conv_features(rep: int, dtype: jnp.dtype):
+    """`_conv_features` of one device's slice after the W-1 tokens of the previous slice: the
+    `features` of `sequence_parallel_gated_delta_rule`."""
 
-    def body(qp, kp, vp, cq, ck, cv, g, beta, seg):
+    def features(qp, kp, vp, seg, cq, ck, cv):
+        width = cq.shape[0]
         halo_seg = sp.previous_tokens(seg, width - 1, fill=-1)  # -1: no document before
         halos = tuple(sp.previous_tokens(x, width - 1) for x in (qp, kp, vp))
-        q, k, v = _conv_features(qp, kp, vp, cq, ck, cv, seg, rep, dtype, halos, halo_seg)
-        return sp.local_gated_delta_rule(
-            q, k, v, g, beta, segment_ids=seg, prev_segment_ids=halo_seg[:, -1], chunk_size=chunk
-        )
+        return _conv_features(qp, kp, vp, cq, ck, cv, seg, rep, dtype, halos, halo_seg)
 
-    tok, rep_ = P(None, sp.SEQUENCE), P()
-    return jax.shard_map(
-        body,
-        mesh=jax.sharding.get_abstract_mesh(),
-        in_specs=(tok, tok, tok, rep_, rep_, rep_, tok, tok, tok),
-        out_specs=(tok, rep_),
-        axis_names={sp.SEQUENCE},
-    )(qp, kp, vp, cq, ck, cv, g, beta, segment_ids_BT)
+    return features
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
+
+
+def _splits_over_sequence(t: int, z: int, width: int) -> bool:
+    """Whether T tokens split into Z slices of at least W-1 tokens (the conv halo). When not,
+    the single-device path is right (generation and evaluation see any length; training
+    lengths are checked by the trainer's config validation), and this says so once."""
+    if t % z == 0 and t // z >= width - 1:
+        return True
+    _log_once(
+        f"Gated DeltaNet: T={t} tokens do not split over the mesh axis "
+        f"{sp.sequence_axis()}={z} into slices of >= {width - 1} tokens; running the "
+        "single-device path (correct, not sequence-parallel)"
+    )
+    return False
 
 
 def _continue(feats, g_BTH, beta_BTH, cache, chunk):
@@ -195,10 +206,6 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
     config: TextConfig
     runtime: Runtime = Runtime()
 
-    def _param(self, name, shape, axes, init=KERNEL_INIT, cast=True):
-        w = self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
-        return w.astype(self.dtype) if cast else w
-
     @nn.compact
     def __call__(
         self,
@@ -217,7 +224,8 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
         d, w = c.hidden_size, c.linear_conv_kernel_dim
         nk, nv = c.linear_num_key_heads, c.linear_num_value_heads
         kd, vd = c.linear_key_head_dim, c.linear_value_head_dim
-        p = self._param
+
+        p = functools.partial(weight, self)
         wq = p("in_proj_q", (d, nk, kd), ("embed", "heads", "head_dim"))
         wk = p("in_proj_k", (d, nk, kd), ("embed", "heads", "head_dim"))
         wv = p("in_proj_v", (d, nv, vd), ("embed", "heads", "head_dim"))
@@ -228,7 +236,7 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
         ck = p("conv_k", (w, nk, kd), ("conv", "heads", "head_dim"), _conv_init)
         cv = p("conv_v", (w, nv, vd), ("conv", "heads", "head_dim"), _conv_init)
         a_log = p("A_log", (nv,), ("heads",), _a_log_init, cast=False)
-        dt_bias = p("dt_bias", (nv,), ("heads",), nn.initializers.ones_init(), cast=False)
+        dt_bias = p("dt_bias", (nv,), ("heads",), ONES, cast=False)
         wo = p("out_proj", (nv, vd, d), ("heads", "head_dim", "embed"))
 
         b, t = x_BTD.shape[:2]
@@ -257,22 +265,24 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
         rep = nv // nk
         feats = (qp_BTJK, kp_BTJK, vp_BTHV, cq, ck, cv, segment_ids_BT, rep, self.dtype)
 
-        n = sp.sequence_axis_size()
+        z = sp.sequence_axis_size()
         if cache is not None:
             o_BTHV, state_BHKV, windows = _continue(
                 feats, g_BTH, beta_BTH, cache, self.runtime.gdn_chunk_size
             )
-        elif n > 1 and t % n == 0 and t // n >= w - 1 and not self.is_initializing():
-            o_BTHV, state_BHKV = _sequence_parallel_mix(
-                *feats[:6],
+        elif z > 1 and not self.is_initializing() and _splits_over_sequence(t, z, w):
+            o_BTHV, state_BHKV = sp.sequence_parallel_gated_delta_rule(
+                qp_BTJK,
+                kp_BTJK,
+                vp_BTHV,
                 g_BTH,
                 beta_BTH,
-                segment_ids_BT,
-                rep,
-                self.dtype,
-                self.runtime.gdn_chunk_size,
-            )
-            o_BTHV = o_BTHV.astype(self.dtype)  # the plain path's (v's) dtype
+                segment_ids=segment_ids_BT,
+                chunk_size=self.runtime.gdn_chunk_size,
+                return_final_state=True,
+                features=_halo_conv_features(rep, self.dtype),
+                feature_params=(cq, ck, cv),
+            )  # o in vp's dtype, as the plain path's
         else:
             q_BTHK, k_BTHK, v_BTHV = _conv_features(*feats)
             o_BTHV = gated_delta_rule(

@@ -1,17 +1,17 @@
 """Expert-parallel MoE dispatch: tokens travel to the devices that own their experts.
 
-Under a mesh whose `expert` axis has P > 1 devices, the routed experts' weights [E, D, I] are
-split into P groups of E/P experts (the table in `sharding.py`: experts -> expert, embed -> fsdp,
+Under a mesh whose `expert` axis has Z > 1 devices, the routed experts' weights [E, D, I] are
+split into Z groups of E/Z experts (the table in `sharding.py`: experts -> expert, embed -> fsdp,
 mlp -> tensor), and the tokens are split over (data, fsdp, expert) x sequence. `expert_parallel`
 runs under `jax.shard_map` over the whole mesh; per device, with n local tokens, m = n*k routed
-rows (row r = token r // k, slot r % k) and buffers of C rows per (source, target) device pair:
+rows (row r = token r // k, slot r % k) and buffers of Y rows per (source, target) device pair:
 
-    target_r = e_r // (E/P)                       the device that owns row r's expert
+    target_r = e_r // (E/Z)                       the device that owns row r's expert
     slot_r   = #{r' < r : target_r' = target_r}   row r's place in that device's buffer
-    send_PCD[target_r, slot_r] = x[token_r]       rows with slot_r >= C are dropped (capacity)
-    recv_PCD = all_to_all(send_PCD)               now indexed [source device, slot]
-    out_PCD  = grouped SwiGLU of recv rows on the local E/P experts (sorted, `ragged_dot`)
-    back_PCD = all_to_all(out_PCD)                back at the source, [target device, slot]
+    send_ZYD[target_r, slot_r] = x[token_r]       rows with slot_r >= Y are dropped (capacity)
+    recv_ZYD = all_to_all(send_ZYD)               now indexed [source device, slot]
+    out_ZYD  = mlp.grouped_swiglu of recv rows on the local E/Z experts (sorted, `ragged_dot`)
+    back_ZYD = all_to_all(out_ZYD)                back at the source, [target device, slot]
     y_n      = sum_k w_nk * back[target_nk, slot_nk]       (0 for a dropped row)
     y_n      = psum over the tensor axes (each device holds I / tensor of every expert's width)
 
@@ -19,29 +19,34 @@ Expert weights sharded over `fsdp` on the D axis are all-gathered inside (the tr
 reduce-scatter of their gradients). The router and the shared expert stay outside, under
 the compiler's sharding propagation.
 
-Buffers are static. Dropless (the default): C = m, the worst case in which every row of a device
+Buffers are static. Dropless (the default): Y = m, the worst case in which every row of a device
 goes to one target, so nothing is ever dropped and the result equals the single-device
-`moe.grouped_experts` to float32 rounding; each device then receives P*m rows of which m on
-average are real. With a capacity factor cf: C = ceil(cf * m / P) (cf = 1 fits a perfectly
+`moe.grouped_experts` to float32 rounding; each device then receives Z*m rows of which m on
+average are real. With a capacity factor cf: Y = ceil(cf * m / Z) (cf = 1 fits a perfectly
 balanced router), rows beyond C are dropped and counted (valid tokens only; padding rows are not
 sent at all in this mode). `jax.lax.ragged_all_to_all` would send only the real rows but is not
 implemented by XLA:CPU in jax 0.10 (UNIMPLEMENTED: ragged-all-to-all), so the dense
 `jax.lax.all_to_all` is used on every backend.
 
-With P = 1 (no `expert` axis) the same code is the replicated-experts MoE: no all-to-all, each
+With Z = 1 (no `expert` axis) the same code is the replicated-experts MoE: no all-to-all, each
 device runs every expert on its own tokens.
 
 Mode selection (`resolve_mode`): "local" = the single-device grouped matmul left to sharding
 propagation, which replicates the global sort and hence all routed-expert work on every device
 (see bench/RESULTS.md): only for one device; "all_to_all" = this file, or an error when the
 shapes do not divide; "auto" = this file whenever a mesh of more than one device is set
-(`jax.set_mesh`) and the shapes divide, else local. The mode and capacity factor come from the
-MoE module's `runtime` (`runtime.moe_dispatch`, `runtime.moe_capacity_factor`).
+(`jax.set_mesh`), else local. Under "auto", experts that do not divide over the `expert` axis
+are an error (the trainer refuses such a config up front; replicating every expert on every
+device is not a fallback to take silently); tokens that do not divide over the batch axes
+(generation with a few rows) run the local path, said once in the log. The mode and capacity
+factor come from the MoE module's `runtime` (`runtime.moe_dispatch`, `moe_capacity_factor`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 
 import jax
@@ -49,9 +54,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from qwen35_jax import sharding
+from qwen35_jax.layers.mlp import grouped_swiglu
 from qwen35_jax.runtime import MOE_DISPATCH_CHOICES
 
 MODES = MOE_DISPATCH_CHOICES  # "auto" | "local" | "all_to_all"
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
 
 
 # ---------------------------------------------------------------------------------- layouts
@@ -124,10 +135,19 @@ def resolve_mode(mode: str, b: int, t: int, w_in_shape, w_out_shape) -> _Layout 
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     ep_wanted = math.prod(sizes.get(a, 1) for a in sharding.mesh_axes_of("experts"))
     tokens_wanted = sharding.logical_spec(TOKENS, None, mesh)
-    if mode == "auto" and (math.prod(sizes.values()) == 1 or layout.ep_size != ep_wanted):
-        return None  # one device, or the experts do not divide over the expert axes
+    if mode == "auto" and math.prod(sizes.values()) == 1:
+        return None  # one device
+    if layout.ep_size != ep_wanted:
+        raise ValueError(
+            f"moe dispatch {mode!r}: {w_in_shape[0]} experts do not divide over the mesh axes "
+            f"{sharding.mesh_axes_of('experts')} of size {ep_wanted}"
+        )
     if layout.token_spec != tokens_wanted:
         if mode == "auto":
+            _log_once(
+                f"MoE dispatch 'auto': tokens [B={b}, T={t}] do not divide over the mesh as "
+                f"{tokens_wanted}; running the local (replicated) path"
+            )
             return None
         raise ValueError(
             f"moe dispatch 'all_to_all': tokens [B={b}, T={t}] do not divide over the mesh "
@@ -137,18 +157,6 @@ def resolve_mode(mode: str, b: int, t: int, w_in_shape, w_out_shape) -> _Layout 
 
 
 # ---------------------------------------------------------------------------- the dispatch
-
-
-def _grouped_swiglu(x_RD, local_e_R, wg_EDI, wu_EDI, wd_EID):
-    """SwiGLU of each row with its (local) expert; rows with local_e_R == E give 0."""
-    e = wg_EDI.shape[0]
-    order_R = jnp.argsort(local_e_R, stable=True)
-    sizes_E = jnp.bincount(local_e_R, length=e + 1)[:e].astype(jnp.int32)
-    xs_RD = x_RD[order_R]
-    gate_RI = jax.lax.ragged_dot(xs_RD, wg_EDI, sizes_E)
-    up_RI = jax.lax.ragged_dot(xs_RD, wu_EDI, sizes_E)
-    ys_RD = jax.lax.ragged_dot(jax.nn.silu(gate_RI) * up_RI, wd_EID, sizes_E)
-    return jnp.zeros_like(ys_RD).at[order_R].set(ys_RD, unique_indices=True)
 
 
 def _local_dispatch(
@@ -166,22 +174,22 @@ def _local_dispatch(
     e_local = wg.shape[0]
     cap = m if not capacity_factor else min(m, math.ceil(capacity_factor * m / p))
 
-    x_ND = x_BTD.reshape(n, d)
+    x_AD = x_BTD.reshape(n, d)
     e_M = experts_BTk.reshape(m)
     target_M = e_M // e_local
     send_M = jnp.ones((m,), bool)
     if capacity_factor:
         send_M = jnp.repeat(valid_BT.reshape(n), k)  # padding rows take no capacity
-    onehot_MP = (target_M[:, None] == jnp.arange(p)[None, :]) & send_M[:, None]
-    slot_M = jnp.take_along_axis(jnp.cumsum(onehot_MP, axis=0), target_M[:, None], axis=1)[:, 0]
+    onehot_MZ = (target_M[:, None] == jnp.arange(p)[None, :]) & send_M[:, None]
+    slot_M = jnp.take_along_axis(jnp.cumsum(onehot_MZ, axis=0), target_M[:, None], axis=1)[:, 0]
     slot_M = slot_M - 1
     sent_M = send_M & (slot_M < cap)
     dest_M = jnp.where(sent_M, target_M * cap + slot_M, p * cap)  # out of range: not written
 
     send_RD = (
-        jnp.zeros((p * cap, d), x_ND.dtype)
+        jnp.zeros((p * cap, d), x_AD.dtype)
         .at[dest_M]
-        .set(jnp.repeat(x_ND, k, axis=0), mode="drop", unique_indices=True)
+        .set(jnp.repeat(x_AD, k, axis=0), mode="drop", unique_indices=True)
     )
     send_eR = (
         jnp.full((p * cap,), e_local, jnp.int32)
@@ -196,18 +204,18 @@ def _local_dispatch(
         a = jax.lax.all_to_all(a, lay.ep_axes, 0, 0, tiled=False)
         return a.reshape(p * cap, *a.shape[2:])
 
-    out_RD = _grouped_swiglu(exchange(send_RD), exchange(send_eR), wg, wu, wd)
+    out_RD = grouped_swiglu(exchange(send_RD), exchange(send_eR), wg, wu, wd)
     back_RD = exchange(out_RD)
     y_MD = jnp.take(back_RD, jnp.minimum(dest_M, p * cap - 1), axis=0)
     w_M = weights_BTk.reshape(m).astype(y_MD.dtype)
     y_MD = jnp.where(sent_M[:, None], y_MD * w_M[:, None], 0)
-    y_ND = jnp.sum(y_MD.reshape(n, k, d), axis=1)
+    y_AD = jnp.sum(y_MD.reshape(n, k, d), axis=1)
     if lay.tp_axes:
-        y_ND = jax.lax.psum(y_ND, lay.tp_axes)
+        y_AD = jax.lax.psum(y_AD, lay.tp_axes)
     dropped = jnp.sum((jnp.repeat(valid_BT.reshape(n), k) & ~sent_M).astype(jnp.float32))
     if lay.token_axes:
         dropped = jax.lax.psum(dropped, lay.token_axes)
-    return y_ND.reshape(b, t, d), dropped
+    return y_AD.reshape(b, t, d), dropped
 
 
 def expert_parallel(

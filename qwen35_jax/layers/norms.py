@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qwen35_jax.layers.weights import ONES, ZEROS, weight
+
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """x * rsqrt(mean(x^2) + eps) over the last axis, in float32."""
@@ -34,12 +36,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-            (x.shape[-1],),
-            self.param_dtype,
-        )
+        scale = weight(self, "scale", (x.shape[-1],), ("norm",), ZEROS, cast=False)
         y = rms_normalize(x, self.eps) * _lift(1.0 + scale.astype(jnp.float32), x.ndim)
         return y.astype(x.dtype)
 
@@ -52,12 +49,7 @@ class GatedRMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-        scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (x.shape[-1],),
-            self.param_dtype,
-        )
+        scale = weight(self, "scale", (x.shape[-1],), ("norm",), ONES, cast=False)
         y = _lift(scale.astype(x.dtype), x.ndim) * rms_normalize(x, self.eps).astype(x.dtype)
         y = y * jax.nn.silu(z.astype(jnp.float32))
         return y.astype(x.dtype)

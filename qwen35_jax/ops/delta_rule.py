@@ -1,7 +1,9 @@
 """Gated delta rule (the recurrence of Gated DeltaNet), chunkwise-parallel, in pure JAX.
 
-Axis letters: B batch, T tokens, H heads, K key dim, V value dim, C chunk size, N chunks,
-G checkpoint segments (groups of chunks), S chunks per segment.
+Axis letters (the package legend in ``qwen35_jax/__init__.py``): B batch, T tokens, H heads,
+K key dim, V value dim, C chunk length, Q chunks (or blocks), X any leading axes; the chunk scan
+is laid out as [G, S, ...]: G checkpoint segments of S chunks (these two meanings of G and S are
+local to this file).
 
 Recurrence, per head, with state ``S`` of shape K×V (HF ``torch_recurrent_gated_delta_rule``)::
 
@@ -101,39 +103,46 @@ def _invert_unit_lower(N_XBB: jax.Array) -> jax.Array:
     return jnp.concatenate([top_XHB, jnp.concatenate([off_XRH, Dinv_XRR], axis=-1)], axis=-2)
 
 
-def _blocked_unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
-    """Solves (I + N) X = rhs, N strictly lower, by blocked forward substitution (matmuls)."""
+def blocked_unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
+    """Solves (I + N) X = rhs, N strictly lower, by blocked forward substitution (matmuls);
+    the CPU branch of `unit_lower_solve`."""
     C = N_XCC.shape[-1]
     b = _SOLVE_BLOCK if C % _SOLVE_BLOCK == 0 else C
-    diag_XNBB = jnp.stack([N_XCC[..., i : i + b, i : i + b] for i in range(0, C, b)], axis=-3)
-    inv_XNBB = _invert_unit_lower(diag_XNBB)
+    diag_XQBB = jnp.stack([N_XCC[..., i : i + b, i : i + b] for i in range(0, C, b)], axis=-3)
+    inv_XQBB = _invert_unit_lower(diag_XQBB)
     blocks = []
     for n, i in enumerate(range(0, C, b)):
         r_XBW = rhs_XCW[..., i : i + b, :]
         if blocks:
             done_XIW = jnp.concatenate(blocks, axis=-2)
             r_XBW = r_XBW - _einsum("...ij,...jw->...iw", N_XCC[..., i : i + b, :i], done_XIW)
-        blocks.append(_einsum("...ij,...jw->...iw", inv_XNBB[..., n, :, :], r_XBW))
+        blocks.append(_einsum("...ij,...jw->...iw", inv_XQBB[..., n, :, :], r_XBW))
     return jnp.concatenate(blocks, axis=-2)
 
 
-def _unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
+def native_unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
+    """Solves (I + N) X = rhs with XLA's triangular solve; the accelerator branch of
+    `unit_lower_solve`."""
+    C = N_XCC.shape[-1]
+    lead = (1,) * (N_XCC.ndim - 2)
+    diag_XCC = jnp.eye(C, dtype=jnp.bool_).reshape(lead + (C, C))
+    return lax.linalg.triangular_solve(
+        jnp.where(diag_XCC, 1.0, N_XCC), rhs_XCW, left_side=True, lower=True, unit_diagonal=True
+    )
+
+
+def unit_lower_solve(N_XCC: jax.Array, rhs_XCW: jax.Array) -> jax.Array:
     """(I + N)^{-1} rhs for strictly-lower-triangular N, in float32.
 
     Accelerators use XLA's triangular solve. On CPU that op is a LAPACK call whose OpenBLAS
     threads fight XLA's own thread pool (tens of times slower on a loaded 2-core machine), so CPU
     uses the same substitution written as 16-row blocks and matmuls (also faster single-threaded).
+    The branches are looked up when traced: tests/test_delta_rule.py runs the accelerator branch
+    on CPU by pointing `blocked_unit_lower_solve` at `native_unit_lower_solve`.
     """
-
-    def native(N_XCC, rhs_XCW):
-        C = N_XCC.shape[-1]
-        lead = (1,) * (N_XCC.ndim - 2)
-        diag_XCC = jnp.eye(C, dtype=jnp.bool_).reshape(lead + (C, C))
-        return lax.linalg.triangular_solve(
-            jnp.where(diag_XCC, 1.0, N_XCC), rhs_XCW, left_side=True, lower=True, unit_diagonal=True
-        )
-
-    return lax.platform_dependent(N_XCC, rhs_XCW, cpu=_blocked_unit_lower_solve, default=native)
+    return lax.platform_dependent(
+        N_XCC, rhs_XCW, cpu=blocked_unit_lower_solve, default=native_unit_lower_solve
+    )
 
 
 def _chunk_terms(q_XCK, k_XCK, v_XCV, g_XC, beta_XC):
@@ -162,7 +171,7 @@ def _chunk_terms(q_XCK, k_XCK, v_XCV, g_XC, beta_XC):
     rhs_XCW = jnp.concatenate(
         [beta_XC[..., None] * v_XCV, (beta_XC * gam_XC)[..., None] * k_XCK], axis=-1
     )
-    W_XCW = _unit_lower_solve(A_XCC, rhs_XCW)
+    W_XCW = unit_lower_solve(A_XCC, rhs_XCW)
     V = v_XCV.shape[-1]
     Wv_XCV, Wk_XCK = W_XCW[..., :V], W_XCW[..., V:]
 
@@ -190,10 +199,10 @@ def _segment(state_BHKV, xs):
     return lax.scan(step, state_BHKV, terms)
 
 
-def _num_segments(N: int) -> tuple[int, int]:
-    """(G, S): G checkpoint segments of S chunks each, G*S >= N with little waste."""
-    G = -(-N // _MAX_CHUNKS_PER_SEGMENT)
-    S = -(-N // G)
+def _num_segments(Q: int) -> tuple[int, int]:
+    """(G, S): G checkpoint segments of S chunks each, G*S >= Q chunks with little waste."""
+    G = -(-Q // _MAX_CHUNKS_PER_SEGMENT)
+    S = -(-Q // G)
     return G, S
 
 
@@ -217,8 +226,8 @@ def _gated_delta_rule(q, k, v, g, beta, segment_ids, prev_segment_ids, initial_s
     else:
         state_BHKV = initial_state.astype(jnp.float32)
 
-    N = -(-T // C)
-    G, S = _num_segments(N)
+    Q = -(-T // C)
+    G, S = _num_segments(Q)
     Tp = G * S * C
 
     def chunked(x, feature_dims):

@@ -1,8 +1,8 @@
 """Sequence parallelism for the gated delta rule: each device runs its own slice of the tokens.
 
 Axis letters as in ``delta_rule.py`` (B batch, T tokens, H heads, K key dim, V value dim) plus
-N devices on the sequence mesh axis; device i holds tokens [i T/N, (i+1) T/N) and W is the
-causal conv width.
+Z devices on the sequence mesh axis (the mesh axis of the logical name ``length`` in the
+sharding table); device i holds tokens [i T/Z, (i+1) T/Z) and W is the causal conv width.
 
 A slice transforms the state that enters it affinely (document starts inside the slice reset it,
 padding leaves it untouched), and so are its outputs::
@@ -14,14 +14,15 @@ One local pass of the chunk kernel on the augmented state ``[A | Bm]`` (K×(K+V)
 ``[I | 0]`` with values ``[0 | v]``, yields both: its outputs are ``[a_t | b_t]`` and its final
 state is the slice's map ``(A_i, Bm_i)``. Then, per device::
 
-    (A_j, Bm_j)_{j<N} = all_gather over the sequence axis
-    S_in_i = (S -> A_{i-1} S + Bm_{i-1}) o ... o (S -> A_0 S + Bm_0) (S_init)      N-1 matmuls
-    o_t    = S_in_i^T a_t + b_t
-    S_final = the same fold over all N maps (equal on every device)
+    (A_j, Bm_j)_{j<Z} = all_gather over the sequence axis
+    P_j    = (A_j, Bm_j) o ... o (A_0, Bm_0)      prefix compositions: an associative scan
+                                                   (``compose_affine_maps``), log2 Z levels
+    S_in_i = P_{i-1}(S_init)  (S_init on device 0);   o_t = S_in_i^T a_t + b_t
+    S_final = P_{Z-1}(S_init) (equal on every device)
 
-Cost: the augmented pass is about (K+V)/V times a plain local pass, plus the fold
-(N K²(K+V) per row and head) and one all_gather of N maps; no step waits on another device's
-kernel. Whether token 0 of a slice starts a document depends on the token before it:
+Cost: the augmented pass is about (K+V)/V times a plain local pass, plus the scan
+(about Z K²(K+V) per row and head) and one all_gather of Z maps; no step waits on another
+device's kernel. Whether token 0 of a slice starts a document depends on the token before it:
 ``prev_segment_ids`` is the last segment id of device i-1 (sent by ``ppermute``); device 0
 continues ``S_init`` as the single-device kernel does.
 
@@ -30,49 +31,55 @@ device the last W-1 tokens of device i-1 (device 0: ``fill``, zeros for features
 document", for segment ids), so a conv over ``[halo; x]`` equals the single-device conv.
 
 ``local_gated_delta_rule`` and ``previous_tokens`` run inside ``jax.shard_map`` (per device);
-``sequence_parallel_gated_delta_rule`` wraps the former in a ``shard_map`` that is manual over the
-sequence axis only (every other mesh axis stays under the compiler's sharding propagation).
+``sequence_parallel_gated_delta_rule`` is the one ``shard_map`` (manual over the sequence axis
+only; every other mesh axis stays under the compiler's sharding propagation), used by the GDN
+layer and the tests. Its optional ``features`` function runs per device before the recurrence:
+the layer passes its causal conv there (with the halo from ``previous_tokens``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from qwen35_jax.ops.delta_rule import (
-    _einsum,
-    _gated_delta_rule,
-    apply_affine_map,
-    gated_delta_rule,
-)
-
-SEQUENCE = "sequence"
+from qwen35_jax import sharding
+from qwen35_jax.ops.delta_rule import apply_affine_map, compose_affine_maps, gated_delta_rule
 
 
-def sequence_axis_size(mesh: jax.sharding.AbstractMesh | None = None, axis: str = SEQUENCE) -> int:
+def sequence_axis() -> str:
+    """The mesh axis that splits the tokens: the sharding table's axis for ``length``."""
+    axes = sharding.mesh_axes_of("length")
+    if len(axes) != 1:
+        raise ValueError(f"sequence parallelism needs one mesh axis for 'length', got {axes}")
+    return axes[0]
+
+
+def sequence_axis_size(mesh: jax.sharding.AbstractMesh | None = None) -> int:
     """Size of the sequence axis of ``mesh`` (default: the ambient ``jax.set_mesh``), 1 if none."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    axis = sequence_axis()
     if mesh.empty or axis not in mesh.axis_names:
         return 1
     return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis]
 
 
-def previous_tokens(
-    x_BT: jax.Array, count: int, axis_name: str = SEQUENCE, fill: float | int = 0
-) -> jax.Array:
+def previous_tokens(x_BT: jax.Array, count: int, fill: float | int = 0) -> jax.Array:
     """The last ``count`` tokens (axis 1) of the previous device's slice; ``fill`` on device 0.
 
     Per device, inside ``shard_map``. ``x_BT`` is [B, T_local, ...] with T_local >= count.
     """
     if count > x_BT.shape[1]:
         raise ValueError(f"halo of {count} tokens from a slice of {x_BT.shape[1]} tokens")
-    n = lax.axis_size(axis_name)
+    axis = sequence_axis()
+    z = lax.axis_size(axis)
     tail_BT = x_BT[:, x_BT.shape[1] - count :]
     if fill:  # ppermute fills device 0 with zeros: shift so that zeros read as `fill`
         tail_BT = tail_BT - jnp.asarray(fill, x_BT.dtype)
-    got_BT = lax.ppermute(tail_BT, axis_name, [(j, j + 1) for j in range(n - 1)])
+    got_BT = lax.ppermute(tail_BT, axis, [(j, j + 1) for j in range(z - 1)])
     if fill:
         got_BT = got_BT + jnp.asarray(fill, x_BT.dtype)
     return got_BT
@@ -89,9 +96,8 @@ def local_gated_delta_rule(
     prev_segment_ids: jax.Array | None = None,
     initial_state: jax.Array | None = None,
     chunk_size: int = 64,
-    axis_name: str = SEQUENCE,
 ) -> tuple[jax.Array, jax.Array]:
-    """One device's slice of ``gated_delta_rule`` (inside ``shard_map`` over ``axis_name``).
+    """One device's slice of ``gated_delta_rule`` (inside ``shard_map`` over the sequence axis).
 
     Args are those of ``gated_delta_rule`` for the local slice [B, T_local, ...].
     ``prev_segment_ids`` [B]: the segment id of the previous device's last token (fetched here
@@ -99,40 +105,60 @@ def local_gated_delta_rule(
     sequence, the same on every device (default zeros).
 
     Returns (o [B, T_local, H, V] float32, final state of the whole sequence [B, H, K, V] float32,
-    invariant over ``axis_name``).
+    invariant over the sequence axis).
     """
+    axis = sequence_axis()
     B, T, H, K = k.shape
     V = v.shape[-1]
-    n = lax.axis_size(axis_name)
-    i = lax.axis_index(axis_name)
+    i = lax.axis_index(axis)
     prev_B = None
     if segment_ids is not None:
         if prev_segment_ids is None:
-            prev_segment_ids = previous_tokens(segment_ids, 1, axis_name)[:, 0]
+            prev_segment_ids = previous_tokens(segment_ids, 1)[:, 0]
         # device 0 continues the initial state: its token 0 never resets
         prev_B = jnp.where(i == 0, segment_ids[:, 0], prev_segment_ids).astype(jnp.int32)
 
+    # one pass on the augmented state [A | Bm] from [I | 0] with values [0 | v]
     v_aug_BTHW = jnp.concatenate(
         [jnp.zeros((B, T, H, K), jnp.float32), v.astype(jnp.float32)], axis=-1
     )
     eye_BHKK = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, H, K, K))
     init_BHKW = jnp.concatenate([eye_BHKK, jnp.zeros((B, H, K, V), jnp.float32)], axis=-1)
-    init_BHKW = lax.pcast(init_BHKW, (axis_name,), to="varying")  # the scan carry varies
-    o_aug_BTHW, map_BHKW = _gated_delta_rule(
-        q, k, v_aug_BTHW, g, beta, segment_ids, prev_B, init_BHKW, chunk_size
+    init_BHKW = lax.pcast(init_BHKW, (axis,), to="varying")  # the scan carry varies
+    o_aug_BTHW, map_BHKW = gated_delta_rule(
+        q,
+        k,
+        v_aug_BTHW,
+        g,
+        beta,
+        segment_ids=segment_ids,
+        prev_segment_ids=prev_B,
+        initial_state=init_BHKW,
+        chunk_size=chunk_size,
+        return_final_state=True,
     )
     a_BTHK, b_BTHV = o_aug_BTHW[..., :K], o_aug_BTHW[..., K:]
 
-    maps_NBHKW = lax.all_gather(map_BHKW, axis_name, to="invarying")
+    maps_ZBHKW = lax.all_gather(map_BHKW, axis, to="invarying")
+    prefix_A, prefix_B = lax.associative_scan(
+        compose_affine_maps, (maps_ZBHKW[..., :K], maps_ZBHKW[..., K:]), axis=0
+    )  # prefix_*[j]: the maps of devices 0..j composed
     if initial_state is None:
-        state_BHKV = jnp.zeros((B, H, K, V), jnp.float32)
+        init_BHKV = jnp.zeros((B, H, K, V), jnp.float32)
     else:
-        state_BHKV = initial_state.astype(jnp.float32)
-    incoming_BHKV = state_BHKV
-    for j in range(n):
-        incoming_BHKV = jnp.where(i == j, state_BHKV, incoming_BHKV)
-        state_BHKV = apply_affine_map((maps_NBHKW[j, ..., :K], maps_NBHKW[j, ..., K:]), state_BHKV)
-    o_BTHV = b_BTHV + _einsum("bthk,bhkv->bthv", a_BTHK, incoming_BHKV)
+        init_BHKV = initial_state.astype(jnp.float32)
+    j = jnp.maximum(i - 1, 0)
+    before_i = (lax.dynamic_index_in_dim(prefix_A, j, keepdims=False),
+                lax.dynamic_index_in_dim(prefix_B, j, keepdims=False))  # fmt: skip
+    incoming_BHKV = jnp.where(i == 0, init_BHKV, apply_affine_map(before_i, init_BHKV))
+    state_BHKV = apply_affine_map((prefix_A[-1], prefix_B[-1]), init_BHKV)
+    o_BTHV = b_BTHV + jnp.einsum(
+        "bthk,bhkv->bthv",
+        a_BTHK,
+        incoming_BHKV,
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
     return o_BTHV, state_BHKV
 
 
@@ -148,17 +174,26 @@ def sequence_parallel_gated_delta_rule(
     chunk_size: int = 64,
     return_final_state: bool = False,
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-    axis_name: str = SEQUENCE,
+    features: Callable[..., tuple[jax.Array, jax.Array, jax.Array]] | None = None,
+    feature_params: tuple[jax.Array, ...] = (),
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """``gated_delta_rule`` with the tokens split over the mesh axis ``axis_name``.
+    """``gated_delta_rule`` with the tokens split over the sequence mesh axis.
 
     Same arguments and results as ``gated_delta_rule``; ``mesh`` defaults to the ambient one
-    (``jax.set_mesh``). T must divide by the axis size. Call it under ``jax.jit``. Without that
-    axis (or with size 1) this is ``gated_delta_rule``.
+    (``jax.set_mesh``). T must divide by the axis size (ValueError naming both otherwise). Call
+    it under ``jax.jit``. Without that axis (or with size 1) this is ``gated_delta_rule``.
+
+    ``features(q, k, v, segment_ids, *feature_params) -> (q, k, v)``, if given, runs on each
+    device's slice first (the GDN layer's conv, SiLU and l2norm; it may call
+    ``previous_tokens``); ``feature_params`` are replicated. ``segment_ids`` is then required.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    n = sequence_axis_size(mesh, axis_name)
-    if n == 1:
+    z = sequence_axis_size(mesh)
+    if z == 1:
+        if features is not None:
+            raise ValueError(
+                "sequence_parallel_gated_delta_rule with features needs a sequence axis"
+            )
         return gated_delta_rule(
             q,
             k,
@@ -171,32 +206,31 @@ def sequence_parallel_gated_delta_rule(
             return_final_state=return_final_state,
         )
     T = q.shape[1]
-    if T % n:
-        raise ValueError(f"{T} tokens do not divide over {axis_name}={n}")
-    tok = P(None, axis_name)
+    axis = sequence_axis()
+    if T % z:
+        raise ValueError(f"{T} tokens do not divide over the mesh axis {axis}={z}")
+    if features is not None and segment_ids is None:
+        raise ValueError("sequence_parallel_gated_delta_rule with features needs segment_ids")
+    tok = P(None, axis)
     has_seg, has_init = segment_ids is not None, initial_state is not None
-    args = [q, k, v, g, beta]
-    specs = [tok] * 5
+    args = [q, k, v, g, beta, *feature_params]
+    specs = [tok] * 5 + [P()] * len(feature_params)
     if has_seg:
         args.append(segment_ids)
         specs.append(tok)
     if has_init:
         args.append(initial_state)
         specs.append(P())
+    n_params = len(feature_params)
 
     def body(q, k, v, g, beta, *rest):
+        params, rest = rest[:n_params], rest[n_params:]
         seg = rest[0] if has_seg else None
         init = rest[-1] if has_init else None
+        if features is not None:
+            q, k, v = features(q, k, v, seg, *params)
         return local_gated_delta_rule(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            segment_ids=seg,
-            initial_state=init,
-            chunk_size=chunk_size,
-            axis_name=axis_name,
+            q, k, v, g, beta, segment_ids=seg, initial_state=init, chunk_size=chunk_size
         )
 
     o_BTHV, state_BHKV = jax.shard_map(
@@ -204,7 +238,7 @@ def sequence_parallel_gated_delta_rule(
         mesh=mesh,
         in_specs=tuple(specs),
         out_specs=(tok, P()),
-        axis_names={axis_name},
+        axis_names={axis},
     )(*args)
     o_BTHV = o_BTHV.astype(v.dtype)
     if return_final_state:
