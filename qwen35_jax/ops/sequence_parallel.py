@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from qwen35_jax import sharding
 from qwen35_jax.ops.delta_rule import (
     _einsum,
     _gated_delta_rule,
@@ -48,7 +49,8 @@ from qwen35_jax.ops.delta_rule import (
     gated_delta_rule,
 )
 
-SEQUENCE = "sequence"
+# the mesh axis the sharding table gives to the `length` of activations (its one authority)
+(SEQUENCE,) = sharding.mesh_axes_of("length")
 
 
 def sequence_axis_size(mesh: jax.sharding.AbstractMesh | None = None, axis: str = SEQUENCE) -> int:
