@@ -132,3 +132,41 @@ def test_checkpointer_refuses_a_changed_layout_and_keeps_the_checkpoint(tmp_path
             abstract, process_iterator(slice(0, 8), 4)
         )
     assert (tmp_path / "ckpt" / "1").is_dir()  # not set aside as unreadable
+
+
+def test_checkpoint_of_the_former_per_process_layout_resumes(tmp_path):
+    """A checkpoint written by grain's own handler before this layout (one shard per process,
+    state {"grain": [...]}) resumes on one process with the default data.num_shards=1."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    tokenize = TokenizeRecord(lambda raw: raw.decode(), CharTokenizer())
+    ds = build_dataset(RECORDS, tokenize, seq_len=SEQ, rows_per_shard=BATCH, seed=0)
+    it = iter(ds)
+    reference = [next(it) for _ in range(4)]
+
+    class Former:  # the former DataIterator's state, as grain's handler saved it
+        def get_state(self):
+            it = iter(ds)
+            next(it)
+            state = {"grain": [it.get_state()], "rows": BATCH, "records": 9, "skipped": 0}
+            return json.dumps(state).encode()
+
+    state = {"w": jnp.arange(4.0)}
+    mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(Former())
+    )
+    mngr.save(1, args=args)
+    mngr.wait_until_finished()
+    mngr.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    now = process_iterator(slice(0, 8), 1)
+    _, step = Checkpointer(str(tmp_path / "ckpt"), keep=2).restore_latest(abstract, now)
+    assert step == 1 and now.rows == BATCH  # the former counters carried over
+    got = next(now)
+    np.testing.assert_array_equal(got["tokens"], reference[1]["tokens"])
+    with pytest.raises(DataLayoutError, match=r"data\.num_shards 1 -> 2"):
+        Checkpointer(str(tmp_path / "ckpt"), keep=2).restore_latest(
+            abstract, process_iterator(slice(0, 8), 2)
+        )

@@ -18,7 +18,8 @@ file, so a process finds the state of each of its shards whoever wrote it: a che
 topology resumes on another. A changed layout (another number of shards, batch size, sequence
 length, seed or data kind) cannot continue the same stream: it is refused with a
 `DataLayoutError` naming what changed. The counters are per process; after a change of process
-count process 0 takes the sums and the others start at 0.
+count process 0 takes the sums and the others start at 0. Checkpoints of the former layout (one
+shard per process, written by grain's own handler) read as data.num_shards = their shard count.
 """
 
 from __future__ import annotations
@@ -148,7 +149,9 @@ class DataIterator:
         d = json.loads(state)
         saved = d.get("layout", {})
         changed = [
-            f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.layout.items() if saved.get(k) != v
+            f"{k} {saved[k]!r} -> {v!r}"
+            for k, v in self.layout.items()
+            if k in saved and saved[k] != v
         ]
         if saved and changed:
             raise DataLayoutError(
@@ -180,7 +183,7 @@ def merge_states(files: dict[tuple[int, int], str], process: tuple[int, int]) ->
     `process` is this (index, count); its own file's counters are kept when it exists (same
     process count), else process 0 takes the sums and the others zeros.
     """
-    states = {k: json.loads(v) for k, v in files.items()}
+    states = {k: _upgrade(json.loads(v), *k) for k, v in files.items()}
     layouts = {json.dumps(s.get("layout", {}), sort_keys=True) for s in states.values()}
     if len(layouts) > 1:
         raise DataLayoutError(f"the checkpoint's data files disagree on the layout: {layouts}")
@@ -198,6 +201,16 @@ def merge_states(files: dict[tuple[int, int], str], process: tuple[int, int]) ->
         }
     layout = next(iter(states.values())).get("layout", {}) if states else {}
     return json.dumps({"layout": layout, "shards": shards, **counters})
+
+
+def _upgrade(state: dict[str, Any], index: int, count: int) -> dict[str, Any]:
+    """A state written before virtual shards were fixed ({"grain": [...]}: process i of n held
+    shards [i k, (i + 1) k) of n k) in the current form; its layout is that shard count."""
+    if "shards" in state:
+        return state
+    k = len(state["grain"])
+    shards = {str(index * k + j): st for j, st in enumerate(state["grain"])}
+    return {**state, "shards": shards, "layout": {"data.num_shards": count * k}}
 
 
 class DataCheckpointHandler:
