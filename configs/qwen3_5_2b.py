@@ -6,6 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-64 (32 chips) or four 8-GPU nodes.
+Memory per chip on v5p-64: planner 49.8 GiB of 95.7 (`launch.compile --topology=v5p-64` gives
+the TPU compiler's figure; not run for this recipe yet, see bench/RESULTS.md: the planner
+read 1.06-1.29 x below the compiler on the 0.8b, so recipes keep it under ~60% of HBM).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
@@ -14,7 +17,7 @@ from configs.common import pretrain_config
 
 
 def get_config():
-    return pretrain_config(
+    c = pretrain_config(
         "qwen3.5-2b",
         steps=100_000,
         batch_size=512,
@@ -23,3 +26,5 @@ def get_config():
         warmup_steps=2000,
         mesh={"fsdp": -1},
     )
+    c.train.grad_accum = 2  # micro-batches per step: the activations of 1/2 of the rows
+    return c

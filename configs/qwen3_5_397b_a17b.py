@@ -6,6 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-2048 (1024 chips): fsdp 16 x tensor 2 x expert 32.
+Memory per chip on v5p-2048: planner 38.9 GiB of 95.7 (`launch.compile --topology=v5p-2048` gives
+the TPU compiler's figure; not run for this recipe yet, see bench/RESULTS.md: the planner
+read 1.06-1.29 x below the compiler on the 0.8b, so recipes keep it under ~60% of HBM).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
@@ -14,7 +17,7 @@ from configs.common import pretrain_config
 
 
 def get_config():
-    return pretrain_config(
+    c = pretrain_config(
         "qwen3.5-397b-a17b",
         steps=100_000,
         batch_size=4096,
@@ -23,3 +26,6 @@ def get_config():
         warmup_steps=2000,
         mesh={"fsdp": -1, "expert": 32, "tensor": 2},
     )
+    c.train.grad_accum = 4  # micro-batches per step: the activations of 1/4 of the rows
+    c.runtime.moe_capacity_factor = 1.25  # static all-to-all buffers (dropped rows counted)
+    return c

@@ -4,9 +4,14 @@
 #
 #   launch/tpu_pod.sh --name qwen-pod --zone us-east5-a --type v5p-512 [--project P] \
 #       [--version v2-alpha-tpuv5] [--spot] [--reuse] [--slices N] [--dry-run] \
-#       -- --config configs/qwen35_397b.py --config.mesh.fsdp=64 --config.mesh.expert=8
+#       [--no-compile-check] -- --config configs/qwen35_397b.py --config.mesh.fsdp=64
 #
-# --dry-run prints every command (gcloud and what runs on the workers) and runs nothing.
+# First, on this machine, `python -m launch.compile --topology TYPE --num_slices N <flags>`
+# compiles the step with the TPU compiler for the slice (libtpu: `pip install -e '.[test]'` or
+# 'jax[tpu]'; no TPU needed) and refuses to go on when the step does not fit the chips' HBM or
+# the config is wrong, before any chip is paid for. --no-compile-check skips it (MODULE other
+# than train.main: skipped too). Env: LOCAL_PYTHON (default .venv/bin/python, else python3).
+# --dry-run prints every command (the check, gcloud and what runs on the workers), runs nothing.
 # --reuse skips creation (the slice must exist); without it an existing slice is reused too.
 # --slices N > 1 requests N slices as one queued resource (multi-slice over DCN: the slices'
 #   workers get MEGASCALE_* from the TPU runtime; set --config.mesh.dcn_data=N or another dcn_
@@ -21,7 +26,7 @@ usage() {
   exit 2
 }
 
-name="" zone="" type="" project="" version="" spot=0 reuse=0 slices=1 dry_run=0
+name="" zone="" type="" project="" version="" spot=0 reuse=0 slices=1 dry_run=0 check=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) name="${2:?--name needs a value}"; shift 2 ;;
@@ -33,6 +38,7 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=1; shift ;;
     --reuse) reuse=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --no-compile-check) check=0; shift ;;
     -h | --help) usage ;;
     --) shift; break ;;
     *) echo "tpu_pod.sh: unknown argument '$1' (train flags go after --)" >&2; usage ;;
@@ -68,6 +74,24 @@ quote() { printf '%q ' "$@"; }
 
 nodes=()
 if [[ $slices == 1 ]]; then nodes=("$name"); else for ((i = 0; i < slices; i++)); do nodes+=("$name-$i"); done; fi
+
+# 0. the step must fit: compiled here by the TPU compiler for this slice type
+if [[ $check == 1 && $module == train.main ]]; then
+  local_py="${LOCAL_PYTHON:-python3}"
+  [[ -z "${LOCAL_PYTHON:-}" && -x "$root/.venv/bin/python" ]] && local_py="$root/.venv/bin/python"
+  compile_cmd=(env "PYTHONPATH=$root" "$local_py" -m launch.compile --topology "$type" --num_slices "$slices" "$@")
+  set +e
+  (cd "$root" && run "${compile_cmd[@]}")
+  rc=$?
+  set -e
+  if [[ $rc == 1 ]]; then
+    echo "tpu_pod.sh: the step does not fit $type (launch.compile above): change the recipe (batch, mesh, remat, loss_chunk) or the slice; nothing was created" >&2
+    exit 1
+  elif [[ $rc != 0 ]]; then
+    echo "tpu_pod.sh: launch.compile failed (exit $rc, above); nothing was created (--no-compile-check skips the check)" >&2
+    exit "$rc"
+  fi
+fi
 
 # 1. the slice(s)
 exists=0

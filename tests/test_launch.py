@@ -57,7 +57,9 @@ def test_tpu_pod_dry_run():
         "--config", "configs/x.py", "--config.mesh.fsdp=64",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    cmds = [x[2:] for x in r.stdout.splitlines() if x.startswith("+ ")]
+    check, *cmds = [x[2:] for x in r.stdout.splitlines() if x.startswith("+ ")]
+    assert "-m launch.compile --topology v5p-512 --num_slices 1 --config configs/x.py" in check
+    assert check.endswith("--config.mesh.fsdp=64 ")
     assert cmds[0].startswith("gcloud --project proj compute tpus tpu-vm create pod")
     assert "--accelerator-type v5p-512" in cmds[0] and "--version v2-alpha-tpuv5" in cmds[0]
     assert "git\\ ls-files" in cmds[1] and "tar" in cmds[1]
@@ -66,6 +68,23 @@ def test_tpu_pod_dry_run():
     assert "--worker=all" in cmds[4] and "-m\\ train.main\\ --config\\ configs/x.py" in cmds[4]
     assert "--config.mesh.fsdp=64" in cmds[4] and "QWEN35_DISTRIBUTED=1" in cmds[4]
     assert len(cmds) == 5
+
+
+@pytest.mark.parametrize("rc, says", [(1, "does not fit v5p-64"), (2, "launch.compile failed")])
+def test_tpu_pod_refuses_when_the_compile_check_fails(tmp_path, rc, says):
+    """Nothing is created (no gcloud on PATH would fail differently) when launch.compile says
+    the step does not fit (exit 1) or the config is bad (exit 2)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "compile $*"\nexit {rc}\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "LOCAL_PYTHON": str(fake), "HOME": str(tmp_path)}
+    args = ["--name", "p", "--zone", "z", "--type", "v5p-64", "--", "--config", "c.py"]
+    r = sh("launch/tpu_pod.sh", *args, env=env)
+    assert r.returncode == rc and says in r.stderr and "nothing was created" in r.stderr
+    assert "compile -m launch.compile --topology v5p-64 --num_slices 1 --config c.py" in r.stdout
+    assert "gcloud" not in r.stdout
+    r = sh("launch/tpu_pod.sh", "--dry-run", "--no-compile-check", *args, env=env)
+    assert r.returncode == 0 and "launch.compile" not in r.stdout
 
 
 def test_tpu_pod_reuse_and_multislice():
@@ -129,9 +148,9 @@ def test_plan_terms_are_consistent():
     assert p.fits and p.total < planner.CHIPS["v5p"][0]
     # one sequence per device; logits [8192, 248320] f32 and their gradient, main + MTP head
     assert terms["logits + gradient, float32 (2 heads)"] == 2 * 2 * 4 * 8192 * 248320
-    # chunked cross-entropy (the presets' train.loss_chunk=1024): one chunk of one head
+    # chunked cross-entropy (the presets' train.loss_chunk=1024): one chunk of one row, one head
     chunked = planner.plan(cfg, {"fsdp": 32, "expert": 8}, "v5p", 256, 8192, 256, 1.25, runtime=rt)
-    assert dict(chunked.terms)["logits + gradient, float32 (chunks of 1024)"] == (
+    assert dict(chunked.terms)["logits + gradient, float32 (1 row x 1024)"] == (
         2 * 4 * 1024 * 248320
     )
     assert chunked.total == pytest.approx(

@@ -117,21 +117,24 @@ def test_step_losses_assemble_ce_mtp_z_and_aux(moe_model):
     assert float(sums["mtp_aux"]) > 0 and float(sums["dropped"]) == 0
 
 
-@pytest.mark.parametrize("chunk", [8, 37, 64])
-def test_chunked_cross_entropy_equals_full_logits_values_and_grads(chunk):
-    """T = 37 is not a multiple of 8 (padded chunk), equal to 37 (one chunk), below 64."""
+@pytest.mark.parametrize("chunk, row_groups", [(8, 1), (37, 1), (64, 1), (8, 2), (37, 4)])
+def test_chunked_cross_entropy_equals_full_logits_values_and_grads(chunk, row_groups):
+    """T = 37 is not a multiple of 8 (padded chunk), equal to 37 (one chunk), below 64; the 4
+    rows in 1, 2 or 4 groups (2 or 1 rows per step)."""
     rng = np.random.default_rng(2)
-    hidden = jnp.asarray(rng.normal(size=(2, 37, 16)), jnp.float32)
+    hidden = jnp.asarray(rng.normal(size=(4, 37, 16)), jnp.float32)
     head = jnp.asarray(rng.normal(size=(16, 50)) * 0.3, jnp.float32)
-    targets = jnp.asarray(rng.integers(0, 50, size=(2, 37)), jnp.int32)
-    valid = jnp.asarray(rng.random((2, 37)) < 0.8)
+    targets = jnp.asarray(rng.integers(0, 50, size=(4, 37)), jnp.int32)
+    valid = jnp.asarray(rng.random((4, 37)) < 0.8)
 
     def full(h, w):
         ce, z, n = losses.cross_entropy_sums(jnp.einsum("btd,dv->btv", h, w), targets, valid)
         return ce + 1e-2 * z, (ce, z, n)
 
     def chunked(h, w):
-        ce, z, n = losses.chunked_cross_entropy_sums(h, w, targets, valid, chunk=chunk)
+        ce, z, n = losses.chunked_cross_entropy_sums(
+            h, w, targets, valid, chunk=chunk, row_groups=row_groups
+        )
         return ce + 1e-2 * z, (ce, z, n)
 
     (_, want), gw = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(hidden, head)
@@ -158,16 +161,20 @@ def test_step_loss_chunk_matches_whole_logits(moe_model, tied):
     n1, n2 = losses.target_counts(batch["segment_ids"], True)
     kw = dict(mtp_lambda=0.3, z_loss=1e-3, n_main=n1, n_mtp=n2, num_micro=1, runtime=RUNTIME)
 
-    def run(chunk):
-        fn = lambda p: micro_losses(cfg, p, batch, loss_chunk=chunk, **kw)  # noqa: E731
+    def run(chunk, row_groups=1):
+        fn = lambda p: micro_losses(  # noqa: E731
+            cfg, p, batch, loss_chunk=chunk, loss_row_groups=row_groups, **kw
+        )
         return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
     (obj0, sums0), g0 = run(0)
-    (obj1, sums1), g1 = run(6)  # 16 positions: chunks of 6, 6 and 4 (+2 padded)
-    assert float(obj1) == pytest.approx(float(obj0), rel=1e-6)
-    for k in ("ce", "z", "mtp"):
-        assert float(sums1[k]) == pytest.approx(float(sums0[k]), rel=1e-6)
-    flat0, flat1 = jax.tree.leaves(g0), jax.tree.leaves(g1)
-    assert len(flat0) == len(flat1)
-    for a, b in zip(flat1, flat0, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+    flat0 = jax.tree.leaves(g0)
+    # 16 positions: chunks of 6, 6 and 4 (+2 padded); both rows at once, then one at a time
+    for (obj1, sums1), g1 in (run(6), run(6, row_groups=2)):
+        assert float(obj1) == pytest.approx(float(obj0), rel=1e-6)
+        for k in ("ce", "z", "mtp"):
+            assert float(sums1[k]) == pytest.approx(float(sums0[k]), rel=1e-6)
+        flat1 = jax.tree.leaves(g1)
+        assert len(flat0) == len(flat1)
+        for a, b in zip(flat1, flat0, strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

@@ -23,11 +23,12 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from qwen35_jax import mesh as mesh_lib
 from qwen35_jax import sharding
@@ -84,9 +85,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     _check_vocab(model_cfg, prepared.tokenizer.vocab_size)
 
     mesh = mesh_lib.mesh_from_config(config.mesh)
-    tx, schedule = make_optimizer(config.optimizer, t.steps)
-    abstract, shardings = abstract_state(model_cfg, tx, mesh, runtime=runtime)
     pipe = input_pipeline(config, prepared, mesh, model_cfg)
+    setup = jitted_step(config, model_cfg, runtime, mesh, pipe.shardings)
+    abstract = setup.abstract
     ckpt = Checkpointer(
         os.path.join(workdir, config.checkpoint.dir),
         keep=config.checkpoint.keep,
@@ -101,17 +102,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     else:
         params = init.initial_params(config, model_cfg, abstract.params)
         rng = jax.random.key(t.seed)
-        state, start = init_state(model_cfg, tx, mesh, rng, params, runtime=runtime), 0
+        state, start = init_state(model_cfg, setup.tx, mesh, rng, params, runtime=runtime), 0
     _write_resolved_config(config, model_cfg, workdir)  # after the restore: a refused run keeps it
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
 
-    step_fn = jax.jit(
-        make_train_step(model_cfg, tx, schedule, t, runtime=runtime),
-        in_shardings=(shardings, pipe.shardings),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    step_fn = setup.fn
     logger = _metrics_logger(config, model_cfg, runtime, workdir, start)
     stop_at = min(t.steps, start + t.run_steps) if t.run_steps else t.steps
     monitor = DivergenceMonitor(t.nan_policy)
@@ -137,6 +133,41 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     for line in end_of_run.report(result):
         _say(line)
     return summary
+
+
+class StepSetup(NamedTuple):
+    """The trainer's jitted step and what it is called with."""
+
+    fn: Any  # jax.jit(train_step): (state, batch) -> (state, metrics), the state donated
+    tx: optax.GradientTransformation
+    abstract: TrainState  # ShapeDtypeStructs carrying their NamedShardings
+    shardings: TrainState
+
+
+def jitted_step(
+    config: ml_collections.ConfigDict,
+    model_cfg: Any,
+    runtime: Any,
+    mesh: jax.sharding.Mesh,
+    batch_shardings: dict[str, Any],
+) -> StepSetup:
+    """The step `run` executes: `make_train_step` jitted with the state's and the batch's
+    shardings, the state donated. `launch.compile` AOT-compiles this same function."""
+    tx, schedule = make_optimizer(config.optimizer, config.train.steps)
+    abstract, shardings = abstract_state(model_cfg, tx, mesh, runtime=runtime)
+    micro_rows = config.train.batch_size // config.train.grad_accum
+    (rows_entry,) = sharding.logical_spec(("batch",), (micro_rows,), dict(mesh.shape)) or (None,)
+    rows_axes = () if rows_entry is None else np.atleast_1d(rows_entry).tolist()
+    batch_shards = int(np.prod([mesh.shape[a] for a in rows_axes]))
+    fn = jax.jit(
+        make_train_step(
+            model_cfg, tx, schedule, config.train, runtime=runtime, batch_shards=batch_shards
+        ),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    return StepSetup(fn, tx, abstract, shardings)
 
 
 def _summary(

@@ -69,38 +69,50 @@ def chunked_cross_entropy_sums(
     *,
     chunk: int,
     dtype: jnp.dtype = jnp.float32,
+    row_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`cross_entropy_sums(hidden @ head, ...)` without ever holding the [B, T, V] logits.
 
-    A scan over chunks of `chunk` positions of every row (T padded to a multiple with invalid
-    positions): each chunk's logits [B, chunk, V] (`dtype` operands, float32 accumulation, as
-    the model's own head) are rematerialised in the backward pass, so the head costs
-    O(B * chunk * V) memory instead of O(B * T * V), for one extra head matmul.
+    A scan over chunks of `chunk` positions (T padded to a multiple with invalid positions) and,
+    with `row_groups` R > 1, over R groups of rows: group r holds rows r, R + r, 2R + r, ...
+    (row b = y * R + r), so when the rows are sharded in contiguous blocks whose size R divides,
+    every device keeps computing on its own rows, B / (R * shards) of them per step (the
+    trainer passes R = rows per device: one row per device at a time). Each step's logits
+    [B / R, chunk, V] (`dtype` operands, float32 accumulation, as the model's own head) are
+    rematerialised in the backward pass, so the head costs O(B / R * chunk * V) memory instead
+    of O(B * T * V), for one extra head matmul.
     """
     b, t, d = hidden_BTD.shape
+    if b % row_groups:
+        raise ValueError(f"row_groups={row_groups} does not divide the {b} rows")
     n = -(-t // chunk)
     pad = n * chunk - t
     if pad:
         hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
         targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
         valid_BT = jnp.pad(valid_BT, ((0, 0), (0, pad)))
-    h_NBCD = hidden_BTD.reshape(b, n, chunk, d).swapaxes(0, 1)
-    tgt_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
-    val_NBC = valid_BT.reshape(b, n, chunk).swapaxes(0, 1)
+    r, y = row_groups, b // row_groups
+
+    def steps(x_BT_):  # [B, T, ...] -> [R * N, B / R, chunk, ...] (scan steps first)
+        x_YRNC_ = x_BT_.reshape(y, r, n, chunk, *x_BT_.shape[2:])
+        x_RNYC_ = jnp.moveaxis(x_YRNC_, 0, 2)
+        return x_RNYC_.reshape(r * n, y, chunk, *x_BT_.shape[2:])
+
     head_DV = head_DV.astype(dtype)
 
     @jax.checkpoint
-    def one_chunk(h_BCD, tgt_BC, val_BC):
-        logits_BCV = jnp.einsum(
-            "bcd,dv->bcv", h_BCD.astype(dtype), head_DV, preferred_element_type=jnp.float32
+    def one_chunk(h_YCD, tgt_YC, val_YC):
+        logits_YCV = jnp.einsum(
+            "bcd,dv->bcv", h_YCD.astype(dtype), head_DV, preferred_element_type=jnp.float32
         )
-        return cross_entropy_sums(logits_BCV, tgt_BC, val_BC)
+        return cross_entropy_sums(logits_YCV, tgt_YC, val_YC)
 
     def body(carry, xs):
         return tuple(a + x for a, x in zip(carry, one_chunk(*xs), strict=True)), None
 
     zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(body, (zero, zero, zero), (h_NBCD, tgt_NBC, val_NBC))
+    xs = (steps(hidden_BTD), steps(targets_BT), steps(valid_BT))
+    sums, _ = jax.lax.scan(body, (zero, zero, zero), xs)
     return sums
 
 

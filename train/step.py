@@ -63,10 +63,12 @@ def micro_losses(
     num_micro: int,
     loss_chunk: int = 0,
     runtime: qwen35_jax.Runtime | None = None,
+    loss_row_groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(objective share of one micro-batch, its metric sums). `loss_chunk` > 0: the heads'
-    cross-entropies are computed over chunks of that many positions per row without the full
-    [B, T, V] logits (`losses.chunked_cross_entropy_sums`)."""
+    cross-entropies are computed over chunks of that many positions per row, the rows in
+    `loss_row_groups` groups, without the full [B, T, V] logits
+    (`losses.chunked_cross_entropy_sums`)."""
     tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
     mask_BT = batch.get("loss_mask")
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and mtp_lambda > 0
@@ -88,7 +90,13 @@ def micro_losses(
         if loss_chunk:
             dtype = (runtime or qwen35_jax.Runtime()).dtype
             return losses.chunked_cross_entropy_sums(
-                hidden_BTD, head_DV, targets_BT, valid_BT, chunk=loss_chunk, dtype=dtype
+                hidden_BTD,
+                head_DV,
+                targets_BT,
+                valid_BT,
+                chunk=loss_chunk,
+                dtype=dtype,
+                row_groups=loss_row_groups,
             )
         return losses.cross_entropy_sums(logits_BTV, targets_BT, valid_BT)
 
@@ -119,9 +127,15 @@ def make_train_step(
     train_cfg: ml_collections.ConfigDict,
     *,
     runtime: qwen35_jax.Runtime | None = None,
+    batch_shards: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The (unjitted) step function; `loop.py` jits it with shardings and donation."""
+    """The (unjitted) step function; `loop.py` jits it with shardings and donation.
+
+    `batch_shards`: the devices the rows are split over (`loop.jitted_step` reads it from the
+    mesh); the chunked cross-entropy then takes one row per device at a time."""
     num_micro = int(train_cfg.grad_accum)
+    micro_rows = int(train_cfg.batch_size) // num_micro
+    row_groups = micro_rows // batch_shards if micro_rows % batch_shards == 0 else 1
     mtp_lambda, z_loss = float(train_cfg.mtp_lambda), float(train_cfg.z_loss)
     loss_chunk = int(train_cfg.get("loss_chunk", 0))
     with_mtp = model_cfg.text_config.mtp_num_hidden_layers > 0 and mtp_lambda > 0
@@ -136,6 +150,7 @@ def make_train_step(
             num_micro=num_micro,
             loss_chunk=loss_chunk,
             runtime=runtime,
+            loss_row_groups=row_groups,
         )
         grad_fn = jax.value_and_grad(
             lambda p, mb: micro_losses(model_cfg, p, mb, **kw), has_aux=True

@@ -28,8 +28,10 @@ from train.data.iterator import DataIterator, shard_plan
 from train.data.multimodal import (
     MULTIMODAL_FIELDS,
     VisualSpec,
-    batch_shapes,
     build_multimodal_dataset,
+)
+from train.data.multimodal import (
+    batch_shapes as multimodal_batch_shapes,
 )
 from train.data.pipeline import TokenizeRecord, build_dataset
 from train.prepare import PreparedData, multimodal_encoder
@@ -58,6 +60,20 @@ def data_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.data.kind in config_schema.MULTIMODAL_KINDS:
         keys += ["data.patches_per_row", "data.images_per_row"]
     return {k: config_schema.get_key(config, k) for k in keys}
+
+
+def batch_shapes(
+    config: ml_collections.ConfigDict, model_cfg: qwen35_jax.Qwen35Config | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The global shape of every batch key (text: tokens, segment_ids, positions [B, T];
+    multimodal kinds as above, the patch geometry from `model_cfg`, default `config.model`)."""
+    t, d = config.train, config.data
+    if d.kind in config_schema.MULTIMODAL_KINDS:
+        spec = VisualSpec.of(model_cfg or config_schema.model_config(config))
+        return multimodal_batch_shapes(
+            t.batch_size, t.seq_len, d.patches_per_row, d.images_per_row, spec.patch_dim
+        )
+    return {k: (t.batch_size, t.seq_len) for k in ("tokens", "segment_ids", "positions")}
 
 
 def input_pipeline(
@@ -97,9 +113,6 @@ def input_pipeline(
             for p in plan
         }
         fields = MULTIMODAL_FIELDS
-        shapes = batch_shapes(
-            t.batch_size, t.seq_len, d.patches_per_row, d.images_per_row, spec.patch_dim
-        )
     else:
         encode = TokenizeRecord(prepared.decode, prepared.tokenizer)
         datasets = {
@@ -107,6 +120,6 @@ def input_pipeline(
             for p in plan
         }
         fields = None
-        shapes = {k: (t.batch_size, t.seq_len) for k in ("tokens", "segment_ids", "positions")}
+    shapes = batch_shapes(config, model_cfg)
     iterator = DataIterator(datasets, encode, fields, plan=plan, layout=data_layout(config))
     return InputPipeline(iterator, shapes, batch_shardings(mesh, shapes))
