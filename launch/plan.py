@@ -126,14 +126,12 @@ def decode_state_bytes(config, batch: int, context: int, sizes, runtime=None) ->
     """Per-device bytes of generation's decode state (`qwen35_jax.decode_state`: KV caches of
     `context` slots, GDN conv windows and float32 states) for `batch` rows on a mesh of `sizes`,
     sharded by its logical axes (rows over the batch axes, heads over tensor)."""
-    from qwen35_jax.decode_state import abstract_decode_state, decode_state_axes  # noqa: PLC0415
+    from qwen35_jax.decode_state import abstract_decode_state, leaf_axes  # noqa: PLC0415
 
     state = abstract_decode_state(config, batch, context, runtime=runtime)
-    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
-    names = jax.tree.leaves(decode_state_axes(state), is_leaf=is_axes)
     return sum(
         _local_numel(x.shape, n, sizes) * jnp.dtype(x.dtype).itemsize
-        for x, n in zip(jax.tree.leaves(state), names, strict=True)
+        for x, n in zip(jax.tree.leaves(state), leaf_axes(state), strict=True)
     )
 
 

@@ -117,18 +117,18 @@ def decode_state_axes(state: DecodeState) -> DecodeState:
     )
 
 
+def leaf_axes(state: DecodeState) -> list[tuple[str | None, ...]]:
+    """The logical axis names of `state`'s leaves, in `jax.tree.leaves` order."""
+
+    def is_names(x) -> bool:
+        return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+    return jax.tree.leaves(decode_state_axes(state), is_leaf=is_names)
+
+
 def constrain_decode_state(state: DecodeState) -> DecodeState:
     """Pins the state's layout to the table's (rows over the batch axes) under a set mesh;
     a no-op without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return state
-    axes = decode_state_axes(state)
-    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # noqa: E731
-    flat_axes = jax.tree.leaves(axes, is_leaf=is_axes)
     flat, treedef = jax.tree.flatten(state)
-    out = [
-        jax.lax.with_sharding_constraint(x, sharding.logical_spec(a, x.shape, mesh))
-        for x, a in zip(flat, flat_axes, strict=True)
-    ]
+    out = [sharding.constrain(x, a) for x, a in zip(flat, leaf_axes(state), strict=True)]
     return jax.tree.unflatten(treedef, out)

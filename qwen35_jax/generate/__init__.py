@@ -90,11 +90,7 @@ def _check(config, prompts, max_new_tokens, temperature, top_k, top_p) -> list[l
 
 
 def _constrain_rows(x: jax.Array) -> jax.Array:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    names = ("batch",) + (None,) * (x.ndim - 1)
-    return lax.with_sharding_constraint(x, sharding.logical_spec(names, x.shape, mesh))
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 @functools.partial(
