@@ -6,9 +6,10 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-32 (16 chips) or one 8-GPU node.
-Memory per chip on v5p-32 (TPU compiler, `python -m launch.compile --config=configs/
-qwen3_5_0_8b.py --topology=v5p-32`): @@08B@@; planner 37.4 GiB.
-With grad_accum 1 the compiler needs 92.4 GiB of the chip's 95.7 (97%): too tight.
+Memory per chip on v5p-32: planner 37.4 GiB of 95.7 (`python -m launch.compile --config=configs/
+qwen3_5_0_8b.py --topology=v5p-32` gives the TPU compiler's figure; not finished for this
+recipe yet). With grad_accum 1 the TPU compiler needs 92.4 GiB per chip (97%: too tight; the
+planner said 71.8), hence 2 micro-batches.
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
