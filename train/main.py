@@ -137,6 +137,16 @@ def _quiet_abandoned_coroutines(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _exit_now(line: str) -> None:
+    """Prints `line` and exits 1 without interpreter teardown: orbax/tensorstore reads abandoned
+    by a failed restore would otherwise print "Event loop is closed" tracebacks from their
+    threads while Python shuts down (nothing is left to save or flush on these paths)."""
+    print(line, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present and not _VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -195,7 +205,7 @@ def main(argv: list[str]) -> None:
     ) as e:
         if _VERBOSE.value:
             raise
-        sys.exit(f"error: {e}")
+        _exit_now(f"error: {e}")
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _VERBOSE.value:
             raise
