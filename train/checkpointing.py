@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from train import integrity
 from train.data.iterator import DataLayoutError, DataRestore, DataSave
@@ -115,6 +116,13 @@ class Checkpointer:
             has_sums = os.path.isdir(os.path.join(self.directory, str(step), _INTEGRITY))
             if has_sums:
                 items[_INTEGRITY] = ocp.args.JsonRestore()
+            mismatch = _stored_shapes_differ(
+                os.path.join(self.directory, str(step), "state"), abstract_state
+            )
+            if mismatch:  # refused from the metadata: no read is started (none left abandoned)
+                logging.warning("checkpoint step %d cannot restore, skipped: %s", step, mismatch)
+                failed.append((step, mismatch))
+                continue
             try:
                 restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
             except DataLayoutError:
@@ -199,6 +207,28 @@ def _verify(state: Any, saved: dict | None) -> str | None:
     if not finite:
         return "NaN/Inf in the restored arrays"
     return None
+
+
+def _stored_shapes_differ(state_dir: str, abstract_state: Any) -> str | None:
+    """A description of how the stored arrays' shapes differ from this run's state, or None
+    (also when the metadata cannot be read: the restore then reports what is wrong)."""
+    try:
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+    except Exception:  # noqa: BLE001
+        return None
+    tree = getattr(meta, "tree", meta)
+    stored = sorted(
+        tuple(x.shape) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    )
+    wanted = sorted(tuple(x.shape) for x in jax.tree.leaves(abstract_state))
+    if stored == wanted:
+        return None
+    only_stored = sorted(set(stored) - set(wanted))[:2]
+    only_wanted = sorted(set(wanted) - set(stored))[:2]
+    return (
+        f"stored array shapes differ from this run's ({len(stored)} vs {len(wanted)} arrays; "
+        f"stored only {only_stored}, this run only {only_wanted})"
+    )
 
 
 def _short(e: BaseException) -> str:
