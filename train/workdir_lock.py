@@ -21,21 +21,13 @@ import socket
 import sys
 from collections.abc import Iterator
 
+from qwen35_jax.convert.orbax_layout import process_alive
+
 LOCK_NAME = ".lock"
 
 
 class WorkdirLockedError(RuntimeError):
     """Another live run holds the workdir."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _holder(path: str) -> dict:
@@ -64,7 +56,7 @@ def acquire(workdir: str, processes: int = 1) -> str:
         except FileExistsError:
             holder = _holder(path)
             host, pid = holder.get("host"), holder.get("pid")
-            if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+            if host == me["host"] and isinstance(pid, int) and not process_alive(pid):
                 print(
                     f"taking over {path}: its holder (pid {pid} on {host}) is no longer running",
                     file=sys.stderr,

@@ -177,7 +177,8 @@ def atomic_dir(out: str) -> str:
     return tempfile.mkdtemp(prefix=f"{os.path.basename(out)}.tmp-{os.getpid()}-", dir=parent)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -193,7 +194,7 @@ def remove_stale_temporaries(out: str) -> list[str]:
     removed = []
     for name in os.listdir(parent):
         pid = name[len(base) :].split("-", 1)[0] if name.startswith(base) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             path = os.path.join(parent, name)
             shutil.rmtree(path, ignore_errors=True)
             sys.stderr.write(f"removed {path}: left by converter process {pid}, which is gone\n")
