@@ -1,11 +1,9 @@
-"""Analytic FLOPs: the dense count against 6 * N * tokens, MoE counts only active experts,
-and the TensorBoard event writer's wire format."""
+"""Analytic FLOPs: the dense count against 6 * N * tokens, MoE counts only active experts
+(TensorBoard files: tests/test_tensorboard.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import struct
 
 import numpy as np
 import pytest
@@ -13,7 +11,6 @@ from flax import traverse_util
 
 import qwen35_jax
 from train import flops
-from train.event_file import EventFileWriter, crc32c
 
 
 def matmul_params(cfg) -> int:
@@ -65,40 +62,3 @@ def test_moe_counts_only_active_experts():
     topk = base.replace(text_config=dataclasses.replace(base.text_config, num_experts_per_tok=4))
     diff = flops.train_flops_per_token(topk, 128) - flops.train_flops_per_token(base, 128)
     assert diff == pytest.approx(6 * layers * 2 * 3 * d * base.text_config.moe_intermediate_size)
-
-
-def test_event_file_is_valid_tfrecord_of_event_protos(tmp_path):
-    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    w = EventFileWriter(str(tmp_path))
-    w.scalars(7, {"loss": 2.5, "lr": 1e-3})
-    w.close()
-    with open(w.path, "rb") as f:
-        data = f.read()
-    records, i = [], 0
-    while i < len(data):
-        (n,) = struct.unpack("<Q", data[i : i + 8])
-        records.append(data[i + 12 : i + 12 + n])
-        i += 12 + n + 4
-    assert i == len(data) and len(records) == 2
-
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    f = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t")
-    value = f.message_type.add(name="Value")
-    value.field.add(name="tag", number=1, type=9, label=1)
-    value.field.add(name="simple_value", number=2, type=2, label=1)
-    summary = f.message_type.add(name="Summary")
-    summary.field.add(name="value", number=1, type=11, label=3, type_name=".t.Value")
-    event = f.message_type.add(name="Event")
-    event.field.add(name="wall_time", number=1, type=1, label=1)
-    event.field.add(name="step", number=2, type=3, label=1)
-    event.field.add(name="file_version", number=3, type=9, label=1)
-    event.field.add(name="summary", number=5, type=11, label=1, type_name=".t.Summary")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    Event = message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
-    first, second = Event.FromString(records[0]), Event.FromString(records[1])
-    assert first.file_version == "brain.Event:2"
-    assert second.step == 7
-    got = {v.tag: v.simple_value for v in second.summary.value}
-    assert got["loss"] == 2.5 and math.isclose(got["lr"], 1e-3, rel_tol=1e-6)

@@ -9,7 +9,8 @@ step.py            the jitted train step (grad accumulation, NaN/Inf guard)
 losses.py          masked next-token CE, z-loss, MTP CE (token t+2)
 optimizer.py       AdamW with decay mask, schedules (cosine, WSD), clipping
 checkpointing.py   orbax async checkpoints, resume, incomplete checkpoints, SIGTERM
-metrics.py         console line, metrics.jsonl, TensorBoard events (event_file.py)
+metrics.py         console line, metrics.jsonl, TensorBoard (tensorboard.py: tensorboardX)
+evaluation.py      held-out evaluation: fixed batches, one jitted loss pass, no gradient
 flops.py           analytic training FLOPs per token for MFU
 sampling.py        greedy completions for the end of a run
 tokenizer.py       `python -m train.tokenizer`: train a sentencepiece model

@@ -85,6 +85,11 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         # > 0: the heads' cross-entropies over chunks of that many positions per row, never
         # holding the [B, T, vocab] logits; 0 = whole logits
         loss_chunk=0,
+        # held-out evaluation (train/evaluation.py, on data.eval_path or data.eval_fraction):
+        # every eval_every steps (0 = only once, at the end of the run) over eval_batches fixed
+        # batches of batch_size rows
+        eval_every=0,
+        eval_batches=4,
     )
     # dir is relative to the workdir
     c.checkpoint = dict(every_steps=100, keep=3, dir="checkpoints", async_save=True)
@@ -130,6 +135,11 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         image_size=32,  # digits: upscaled to image_size x image_size
         images_per_doc=1,  # digits: 1 = image-caption pairs; k = k images with their captions
         eval_examples=0,  # digits: held-out images captioned at the end (accuracy); 0 = none
+        # held-out evaluation data (text kinds): eval_path, comma-separated globs of the same
+        # kind as `path`; or eval_fraction, the share of documents held out of `path` by a hash
+        # of their bytes (train/data/split.py: never trained on, whatever the topology)
+        eval_path="",
+        eval_fraction=0.0,
     )
     # the architecture: a preset's Qwen35Config.to_dict() (Hugging Face names, e.g.
     # model.text_config.num_hidden_layers, ...full_attention_interval, ...num_experts); text-only
@@ -215,6 +225,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "train.seq_len",
         "train.grad_accum",
         "train.log_every",
+        "train.eval_batches",
         "checkpoint.every_steps",
         "checkpoint.keep",
         "optimizer.lr",
@@ -231,6 +242,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "train.seed",
         "train.run_steps",
         "train.loss_chunk",
+        "train.eval_every",
         "optimizer.warmup_steps",
         "optimizer.weight_decay",
         "optimizer.clip_norm",
@@ -291,11 +303,33 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             config.init.from_checkpoint,
             "cannot be combined with init.from_hf",
         )
+    _eval_checks(config)
     runtime = runtime_config(config)
     model = model_config(config)
     check_seq_len_has_targets(config, model)
     parallel_split_check(config, model, runtime)
     return model
+
+
+def _eval_checks(config: ml_collections.ConfigDict) -> None:
+    """Held-out evaluation: one source of evaluation data, text kinds, a fraction in [0, 1)."""
+    d = config.data
+    if not 0.0 <= d.eval_fraction < 1.0:
+        _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
+    if d.eval_fraction and d.eval_path:
+        _fail("data.eval_fraction", d.eval_fraction, "cannot be combined with data.eval_path")
+    wanted = d.eval_fraction or d.eval_path
+    if wanted and d.kind in MULTIMODAL_KINDS:
+        key = "data.eval_path" if d.eval_path else "data.eval_fraction"
+        _fail(key, get_key(config, key), f"is for text kinds, not data.kind={d.kind!r}")
+    if config.train.eval_every and not wanted:
+        _fail(
+            "train.eval_every",
+            config.train.eval_every,
+            "needs evaluation data: set data.eval_path or data.eval_fraction",
+        )
+    if "://" in d.eval_path:
+        _fail("data.eval_path", d.eval_path, "must be a local or mounted path")
 
 
 def check_seq_len_has_targets(

@@ -6,9 +6,12 @@
       mesh, optimizer, abstract state and shardings              qwen35_jax.mesh, state.py
       input pipeline (this process's rows, global batches)       data/input.py
       resume from the workdir's latest checkpoint, or init       checkpointing.py, state.py
+      held-out evaluation batches, built once (when data.eval_* is set)  evaluation.py
       steps: next batch -> train_step (jitted, donating the state); the previous step's metrics
         are read now (one step late, so the host never waits for the device); NaN/Inf policy;
-        log every `log_every`; save every `checkpoint.every_steps`; SIGTERM -> save, exit
+        log every `log_every`; evaluate every `eval_every` and at the last step (its row
+        carries eval_loss; its time is left out of tokens/s); save every
+        `checkpoint.every_steps`; SIGTERM -> save, exit
       save; end-of-run completions and evaluation (every process)  end_of_run.py
 
 The data iterator is advanced exactly once per step before the step runs, so a checkpoint
@@ -19,6 +22,7 @@ at the distributed shutdown), so the launcher can stop the others.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -32,7 +36,7 @@ import optax
 
 from qwen35_jax import mesh as mesh_lib
 from qwen35_jax import sharding
-from train import config_schema, end_of_run, flops, init
+from train import config_schema, end_of_run, evaluation, flops, init
 from train.checkpointing import Checkpointer, PreemptionGuard
 from train.data.input import InputPipeline, input_pipeline
 from train.divergence import (
@@ -108,13 +112,16 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
 
     step_fn = setup.fn
+    evaluator = evaluation.make_evaluator(
+        config, prepared, mesh, model_cfg, runtime, setup.shardings.params
+    )
     logger = _metrics_logger(config, model_cfg, runtime, workdir, start)
     stop_at = min(t.steps, start + t.run_steps) if t.run_steps else t.steps
     monitor = DivergenceMonitor(t.nan_policy)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
         state, step, rows, preempted = _steps(
-            config, step_fn, state, pipe, ckpt, logger, start, stop_at, guard, monitor
+            config, step_fn, state, pipe, ckpt, logger, start, stop_at, guard, monitor, evaluator
         )
     saved = monitor.can_save()  # never a checkpoint of a state every batch has failed on
     if saved:
@@ -124,6 +131,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     logger.close()
     elapsed = time.perf_counter() - t0
     summary = _summary(config, prepared.stats, start, step, rows, elapsed, preempted, kept)
+    _write_run_summary(workdir, summary, n_params)
     if preempted or step < t.steps:
         return summary
     result = end_of_run.evaluate(config, model_cfg, runtime, state.params, prepared.tokenizer, mesh)
@@ -195,11 +203,32 @@ def _summary(
         _say(f"stopped after train.run_steps={config.train.run_steps}: {kept}")
     elif rows:
         summary["final_loss"] = float(rows[-1]["loss"])  # mean over the last logging interval
+        held_out = ""
+        if "eval_loss" in rows[-1]:
+            summary["final_eval_loss"] = float(rows[-1]["eval_loss"])
+            held_out = f", held-out {summary['final_eval_loss']:.3f}"
         _say(
-            f"done: {step} steps in {elapsed:.0f}s; final loss {summary['final_loss']:.3f} "
-            f"nats/token vs unigram entropy {summary['unigram_entropy']:.3f}"
+            f"done: {step} steps in {elapsed:.0f}s; final loss {summary['final_loss']:.3f}"
+            f"{held_out} nats/token vs unigram entropy {summary['unigram_entropy']:.3f}"
         )
     return summary
+
+
+def _write_run_summary(workdir: str, summary: dict[str, Any], n_params: int) -> None:
+    """<workdir>/run_summary.json (atomically): what train.compare reads besides the metrics;
+    `wall_seconds` adds up the invocations of a resumed run."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "run_summary.json")
+    try:
+        with open(path) as f:
+            before = float(json.load(f).get("wall_seconds", 0.0))
+    except (OSError, ValueError, AttributeError):
+        before = 0.0
+    keep = ("step", "final_loss", "final_eval_loss", "unigram_entropy", "preempted")
+    out = {k: summary[k] for k in keep if k in summary}
+    out.update(parameters=n_params, wall_seconds=before + summary["train_seconds"])
+    write_atomic(path, json.dumps(out, indent=1))
 
 
 def _write_resolved_config(config: ml_collections.ConfigDict, model_cfg: Any, workdir: str) -> None:
@@ -235,6 +264,7 @@ def _metrics_logger(
         peak_flops=peak * jax.device_count() if peak else None,
         enabled=jax.process_index() == 0,
         resume_step=start,
+        config_json=config_schema.resolved_json(config, model_cfg),
     )
 
 
@@ -249,10 +279,12 @@ def _steps(
     stop_at: int,
     guard: PreemptionGuard,
     monitor: DivergenceMonitor,
+    evaluator: evaluation.Evaluator | None = None,
 ) -> tuple[TrainState, int, list[dict[str, Any]], bool]:
     """Steps `start` -> `stop_at` (or a preemption); (state, step, logged rows, preempted)."""
     t = config.train
     rows: list[dict[str, Any]] = []
+    evals: dict[int, dict[str, float]] = {}  # held-out results waiting for their step's row
     window: list[float] = []  # main losses of the steps since the last logged one
 
     def drain(done_step: int, metrics: dict[str, jax.Array]) -> None:
@@ -261,10 +293,11 @@ def _steps(
         if finite:
             window.append(float(loss))
             monitor.record(done_step, True)
-            if done_step % t.log_every and done_step != stop_at:
+            if done_step % t.log_every and done_step != stop_at and done_step not in evals:
                 return
         host = jax.device_get(metrics)
         extra = {"loss_last": float(host["loss"]), "data_skipped": pipe.iterator.skipped}
+        extra.update(evals.pop(done_step, {}))
         if window:
             host["loss"] = np.mean(window)  # the mean over the logging interval
         window.clear()
@@ -284,6 +317,10 @@ def _steps(
         if pending is not None:
             drain(*pending)
         pending = (step, metrics)
+        if evaluator is not None and evaluation.due(step, t):
+            result = evaluator(state.params)
+            evals[step] = result.row()
+            logger.exclude(result.seconds)
         if step % config.checkpoint.every_steps == 0:
             drain(*pending)  # a save needs this step's verdict (divergence.py)
             pending = None

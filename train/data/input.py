@@ -34,6 +34,7 @@ from train.data.multimodal import (
     batch_shapes as multimodal_batch_shapes,
 )
 from train.data.pipeline import TokenizeRecord, build_dataset
+from train.data.split import SplitSide
 from train.prepare import PreparedData, multimodal_encoder
 from train.state import batch_shardings
 
@@ -57,6 +58,7 @@ class InputPipeline:
 def data_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings that fix the global batches (a checkpoint resumes only under the same)."""
     keys = ["data.kind", "data.num_shards", "train.batch_size", "train.seq_len", "train.seed"]
+    keys += ["data.eval_fraction"]  # it removes documents from the training stream
     if config.data.kind in config_schema.MULTIMODAL_KINDS:
         keys += ["data.patches_per_row", "data.images_per_row"]
     return {k: config_schema.get_key(config, k) for k in keys}
@@ -114,7 +116,9 @@ def input_pipeline(
         }
         fields = MULTIMODAL_FIELDS
     else:
-        encode = TokenizeRecord(prepared.decode, prepared.tokenizer)
+        held_out = d.eval_fraction  # those documents are evaluation.py's, never trained on
+        select = SplitSide(held_out, held_out=False) if held_out else None
+        encode = TokenizeRecord(prepared.decode, prepared.tokenizer, select)
         datasets = {
             p.shard: build_dataset(prepared.source, encode, shard_index=p.shard, **common)
             for p in plan

@@ -36,18 +36,31 @@ class TokenizeRecord:
     """record -> {"tokens": int32 ids + [eos]}, or {"tokens": []} (skipped) when unusable.
 
     Counts records read and records skipped. Grain reads a few records ahead of the rows it has
-    returned, so the counters are a close (not exact) measure of the consumed stream.
+    returned, so the counters are a close (not exact) measure of the consumed stream. `select`
+    (optional, a predicate on the raw record: data/split.py) drops the records it refuses
+    before decoding; they are counted as `held_out`, not as skipped.
     """
 
-    def __init__(self, decode: Callable[[Any], str | None], tokenizer: Tokenizer):
+    def __init__(
+        self,
+        decode: Callable[[Any], str | None],
+        tokenizer: Tokenizer,
+        select: Callable[[Any], bool] | None = None,
+    ):
         self._decode = decode
         self._tokenizer = tokenizer
+        self._select = select
         self._lock = threading.Lock()
         self.records = 0
         self.skipped = 0
+        self.held_out = 0
 
     def __call__(self, raw: Any) -> dict[str, np.ndarray]:
         text = None
+        if self._select is not None and not self._select(raw):
+            with self._lock:
+                self.held_out += 1
+            return {"tokens": np.zeros((0,), np.int32)}
         try:
             text = self._decode(raw)
             ids = self._tokenizer.encode(text) if text is not None else []
