@@ -1,0 +1,30 @@
+"""The embedded ablation demo: MTP head on/off x full attention every 2nd/4th layer, on the
+embedded default (configs/default.py), 150 steps each with held-out evaluation (5% of the stdlib
+files by hash), then the comparison table and plot:
+
+    python -m launch.sweep --sweep_file=configs/sweeps/default_ablation.py --workdir=/tmp/ablation
+    python -m train.compare /tmp/ablation
+    tensorboard --logdir /tmp/ablation          # the four runs side by side, by name
+
+A sweep file holds launch.sweep's flags as constants: CONFIG (the config file), SWEEP (the
+`--sweep KEY=V1,V2` axes), ZIP (zip the axes instead of their product) and FLAGS (train.main
+flags for every run).
+"""
+
+CONFIG = "configs/default.py"
+SWEEP = [
+    "model.text_config.mtp_num_hidden_layers=0,1",
+    "model.text_config.full_attention_interval=2,4",
+]
+ZIP = False
+FLAGS = [
+    "--config.train.steps=150",
+    "--config.train.log_every=25",
+    "--config.train.eval_every=50",
+    "--config.train.eval_batches=4",
+    "--config.data.eval_fraction=0.05",
+    "--config.data.max_bytes=1500000",
+    "--config.optimizer.warmup_steps=15",
+    "--config.checkpoint.every_steps=150",
+    "--config.train.completion_tokens=0",
+]
