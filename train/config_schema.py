@@ -27,7 +27,7 @@ from qwen35_jax.mesh import MESH_AXES, mesh_sizes
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "wsd")
 MULTIMODAL_KINDS = ("digits", "image_jsonl")
-DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord", *MULTIMODAL_KINDS)
+DATA_KINDS = ("stdlib", "text", "jsonl", "arrayrecord", "parquet", *MULTIMODAL_KINDS)
 TOKENIZERS = ("sentencepiece", "hf")
 _OPTIONAL_INTS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -113,11 +113,12 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         # "stdlib" (the embedded corpus) | "text" | "jsonl" | "arrayrecord" | "digits" (scikit-
         # learn's handwritten digits, captioned "digit 7"; needs the `digits` extra; its word
         # tokenizer is built in) | "image_jsonl" (JSON-lines image-text documents at `path`, see
-        # train/data/image_text.py)
+        # train/data/image_text.py) | "parquet" (column `text_key` of Parquet files; the
+        # `parquet` extra: pyarrow)
         kind="stdlib",
         path="",  # comma-separated globs (mounted paths, not URLs)
         record_format="text",  # ArrayRecord records: "text" | "json"
-        text_key="text",  # the text field of JSON records
+        text_key="text",  # the text field of JSON records, the text column of Parquet files
         max_bytes=3_000_000,  # the stdlib corpus cap
         tokenizer="sentencepiece",  # or "hf" (a tokenizer.json)
         # "" = train a sentencepiece model of vocab_size pieces into the workdir

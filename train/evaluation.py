@@ -78,7 +78,8 @@ def eval_source(config: ml_collections.ConfigDict, prepared: PreparedData) -> tu
     d = config.data
     if d.eval_path:
         try:
-            return open_source(d.kind, d.eval_path, max_bytes=d.max_bytes), None
+            source = open_source(d.kind, d.eval_path, max_bytes=d.max_bytes, text_key=d.text_key)
+            return source, None
         except (FileNotFoundError, ValueError) as e:
             message = str(e).replace("data.path=", "data.eval_path=")
             raise config_schema.ConfigValueError(message) from None

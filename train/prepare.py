@@ -53,6 +53,8 @@ class PreparedData:
 
 
 def _record_format(data: ml_collections.ConfigDict) -> str:
+    if data.kind == "parquet":
+        return "text"  # the column's value is the document
     return "json" if data.kind == "jsonl" else data.record_format
 
 
@@ -278,7 +280,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
     if data.kind in config_schema.MULTIMODAL_KINDS:
         return _prepare_multimodal(config, workdir)
     try:
-        source = open_source(data.kind, data.path, max_bytes=data.max_bytes)
+        source = open_source(data.kind, data.path, max_bytes=data.max_bytes, text_key=data.text_key)
     except (FileNotFoundError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
     check_usable(source, data)

@@ -6,6 +6,7 @@ A record is raw bytes, or None when it cannot be read (the pipeline skips and co
     kind "jsonl"        one record per line of JSON-lines files; the document is `text_key`
     kind "arrayrecord"  one record per ArrayRecord entry; UTF-8 text, or JSON when
                         `record_format="json"`
+    kind "parquet"      one record per row of Parquet files: column `text_key` (parquet.py)
     kind "stdlib"       "text" over the Python standard library's *.py files (see stdlib.py)
 
 `path` may hold several comma-separated globs. `decode_record` turns a raw record into the
@@ -22,9 +23,10 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from train.data.parquet import ParquetSource
 from train.data.stdlib import stdlib_files
 
-KINDS = ("text", "jsonl", "arrayrecord", "stdlib")
+KINDS = ("text", "jsonl", "arrayrecord", "parquet", "stdlib")
 
 
 def list_files(pattern: str) -> list[str]:
@@ -96,10 +98,11 @@ class JsonlSource:
         return f"JsonlSource({len(self)} lines in {len(self.files)} files)"
 
 
-def open_source(kind: str, path: str, *, max_bytes: int = 0):
+def open_source(kind: str, path: str, *, max_bytes: int = 0, text_key: str = "text"):
     """The record source of a `data.kind` and `data.path` (see the module docstring).
 
-    For kind "stdlib", `path` (optional) replaces the stdlib root and `max_bytes` caps the corpus.
+    For kind "stdlib", `path` (optional) replaces the stdlib root and `max_bytes` caps the corpus;
+    for kind "parquet", `text_key` is the column read.
     """
     if kind == "stdlib":
         return FileSource(stdlib_files(path or None, max_bytes=max_bytes))
@@ -107,7 +110,8 @@ def open_source(kind: str, path: str, *, max_bytes: int = 0):
     if not files:
         dirs = [p.strip() for p in path.split(",") if os.path.isdir(os.path.expanduser(p.strip()))]
         if dirs:
-            ext = {"jsonl": "*.jsonl", "arrayrecord": "*.array_record"}.get(kind, "*.txt")
+            ext = {"jsonl": "*.jsonl", "arrayrecord": "*.array_record", "parquet": "*.parquet"}
+            ext = ext.get(kind, "*.txt")
             raise FileNotFoundError(
                 f"data.path={path!r} is a directory; give a glob of its files, like "
                 f"{os.path.join(dirs[0], ext)!r} (or {os.path.join(dirs[0], '**', ext)!r})"
@@ -119,6 +123,8 @@ def open_source(kind: str, path: str, *, max_bytes: int = 0):
         return JsonlSource(files)
     if kind == "arrayrecord":
         return _array_record_source(files)
+    if kind == "parquet":
+        return ParquetSource(files, text_key)
     raise ValueError(f"data.kind={kind!r} must be one of {KINDS}")
 
 
