@@ -141,6 +141,9 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         # of their bytes (train/data/split.py: never trained on, whatever the topology)
         eval_path="",
         eval_fraction=0.0,
+        # several sources sampled in proportion: "KIND:PATH:WEIGHT;..." (e.g.
+        # "stdlib::3;jsonl:/data/*.jsonl:1"), replacing kind/path (train/data/mixture.py)
+        mixture="",
     )
     # the architecture: a preset's Qwen35Config.to_dict() (Hugging Face names, e.g.
     # model.text_config.num_hidden_layers, ...full_attention_interval, ...num_experts); text-only
@@ -305,11 +308,26 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
             "cannot be combined with init.from_hf",
         )
     _eval_checks(config)
+    if config.data.mixture:
+        _mixture_checks(config)
     runtime = runtime_config(config)
     model = model_config(config)
     check_seq_len_has_targets(config, model)
     parallel_split_check(config, model, runtime)
     return model
+
+
+def _mixture_checks(config: ml_collections.ConfigDict) -> None:
+    from train.data.mixture import parse_mixture  # noqa: PLC0415 - data imports this module
+
+    if config.data.kind in MULTIMODAL_KINDS:
+        _fail("data.mixture", config.data.mixture, "is for text kinds (data.kind is multimodal)")
+    if "://" in config.data.mixture:
+        _fail("data.mixture", config.data.mixture, "must hold local or mounted paths")
+    try:
+        parse_mixture(config.data.mixture)
+    except ValueError as e:
+        _fail("data.mixture", config.data.mixture, str(e))
 
 
 def _eval_checks(config: ml_collections.ConfigDict) -> None:

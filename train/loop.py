@@ -298,6 +298,7 @@ def _steps(
         host = jax.device_get(metrics)
         extra = {"loss_last": float(host["loss"]), "data_skipped": pipe.iterator.skipped}
         extra.update(evals.pop(done_step, {}))
+        extra.update(pipe.iterator.source_metrics())  # a mixture's tokens per source
         if window:
             host["loss"] = np.mean(window)  # the mean over the logging interval
         window.clear()

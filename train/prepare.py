@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from train import config_schema
 from train.data import digits
 from train.data.image_text import ImageTextJsonl, document_text
+from train.data.mixture import MixtureSource, parse_mixture
 from train.data.multimodal import EncodeExample, VisualSpec
 from train.data.sources import decode_record, decode_with_reason, open_source
 from train.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
@@ -53,8 +54,8 @@ class PreparedData:
 
 
 def _record_format(data: ml_collections.ConfigDict) -> str:
-    if data.kind == "parquet":
-        return "text"  # the column's value is the document
+    if data.kind == "parquet" or data.mixture:
+        return "text"  # the column's value / the mixture's decoded record is the document
     return "json" if data.kind == "jsonl" else data.record_format
 
 
@@ -274,13 +275,28 @@ def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> Prep
     return PreparedData(source, None, tokenizer, stats)
 
 
+def _open_training_source(data: ml_collections.ConfigDict) -> Any:
+    """`data.kind` / `data.path`'s source, or the MixtureSource of `data.mixture`."""
+    if not data.mixture:
+        return open_source(data.kind, data.path, max_bytes=data.max_bytes, text_key=data.text_key)
+    entries = parse_mixture(data.mixture)
+    sources = []
+    for e in entries:
+        try:
+            kw = dict(max_bytes=data.max_bytes, text_key=data.text_key)
+            sources.append(open_source(e.kind, e.path, **kw))
+        except (FileNotFoundError, ValueError) as err:
+            raise ValueError(f"data.mixture entry {e.name}: {err}") from None
+    return MixtureSource(sources, entries, data.text_key)
+
+
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
     """Opens the source, loads or trains the tokenizer, loads or computes the statistics."""
     data = config.data
     if data.kind in config_schema.MULTIMODAL_KINDS:
         return _prepare_multimodal(config, workdir)
     try:
-        source = open_source(data.kind, data.path, max_bytes=data.max_bytes, text_key=data.text_key)
+        source = _open_training_source(data)
     except (FileNotFoundError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
     check_usable(source, data)

@@ -25,6 +25,7 @@ import qwen35_jax
 from qwen35_jax import distributed
 from train import config_schema
 from train.data.iterator import DataIterator, shard_plan
+from train.data.mixture import MixtureSource, SourceCounter, build_mixture_dataset
 from train.data.multimodal import (
     MULTIMODAL_FIELDS,
     VisualSpec,
@@ -58,7 +59,7 @@ class InputPipeline:
 def data_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The settings that fix the global batches (a checkpoint resumes only under the same)."""
     keys = ["data.kind", "data.num_shards", "train.batch_size", "train.seq_len", "train.seed"]
-    keys += ["data.eval_fraction"]  # it removes documents from the training stream
+    keys += ["data.eval_fraction", "data.mixture"]  # they change the training stream
     if config.data.kind in config_schema.MULTIMODAL_KINDS:
         keys += ["data.patches_per_row", "data.images_per_row"]
     return {k: config_schema.get_key(config, k) for k in keys}
@@ -87,6 +88,7 @@ def input_pipeline(
     """The run's input pipeline on `mesh` (multimodal kinds need `model_cfg` for the special
     token ids and the patch geometry; default: `config.model`)."""
     t, d = config.train, config.data
+    counter = None
     rows = distributed.process_batch_slice(mesh, t.batch_size)
     try:
         plan = shard_plan(rows, t.batch_size, d.num_shards)
@@ -119,11 +121,22 @@ def input_pipeline(
         held_out = d.eval_fraction  # those documents are evaluation.py's, never trained on
         select = SplitSide(held_out, held_out=False) if held_out else None
         encode = TokenizeRecord(prepared.decode, prepared.tokenizer, select)
-        datasets = {
-            p.shard: build_dataset(prepared.source, encode, shard_index=p.shard, **common)
-            for p in plan
-        }
+        if isinstance(prepared.source, MixtureSource):  # data.mixture: data/mixture.py
+            counter = SourceCounter([e.name for e in prepared.source.entries])
+            datasets = {
+                p.shard: build_mixture_dataset(
+                    prepared.source, encode, counter, shard_index=p.shard, **common
+                )
+                for p in plan
+            }
+        else:
+            datasets = {
+                p.shard: build_dataset(prepared.source, encode, shard_index=p.shard, **common)
+                for p in plan
+            }
         fields = None
     shapes = batch_shapes(config, model_cfg)
-    iterator = DataIterator(datasets, encode, fields, plan=plan, layout=data_layout(config))
+    iterator = DataIterator(
+        datasets, encode, fields, plan=plan, layout=data_layout(config), counter=counter
+    )
     return InputPipeline(iterator, shapes, batch_shardings(mesh, shapes))

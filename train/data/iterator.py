@@ -12,6 +12,7 @@ State (`DataIterator.get_state`, JSON bytes; one file per process in a checkpoin
     {"layout": {"data.num_shards": S, "train.batch_size": B, ...},   what fixes the batches
      "shards": {"i": grain state of shard i, ...},                   the shards this process built
      "rows", "records", "skipped"}                                   this process's counters
+     "sources": {"docs": [...], "tokens": [...]}                     a mixture's (mixture.py)
 
 `DataCheckpointHandler` (orbax) writes that file on save; on restore it reads every process's
 file, so a process finds the state of each of its shards whoever wrote it: a checkpoint of one
@@ -100,12 +101,14 @@ class DataIterator:
         *,
         plan: list[ShardRows] | None = None,
         layout: dict[str, Any] | None = None,
+        counter: Any = None,
     ):
         self._datasets = datasets if isinstance(datasets, dict) else {0: datasets}
         self._plan = plan or [ShardRows(i, 0, None) for i in sorted(self._datasets)]
         self._encode = encode
         self._fields = dict(TEXT_FIELDS if fields is None else fields)
         self.layout = dict(layout or {})
+        self._counter = counter  # a mixture's per-source counts (mixture.SourceCounter)
         self._its = {i: iter(ds) for i, ds in self._datasets.items()}
         self.rows = 0
 
@@ -133,6 +136,10 @@ class DataIterator:
     def records(self) -> int:
         return self._encode.records
 
+    def source_metrics(self) -> dict[str, int]:
+        """A mixture's tokens per source (`source_tokens/<name>`); {} for one source."""
+        return self._counter.metrics() if self._counter is not None else {}
+
     def get_state(self) -> bytes:
         state = {
             "layout": self.layout,
@@ -141,6 +148,8 @@ class DataIterator:
             "records": self._encode.records,
             "skipped": self._encode.skipped,
         }
+        if self._counter is not None:
+            state["sources"] = self._counter.get_state()
         return json.dumps(state, indent=1).encode()
 
     def set_state(self, state: bytes | str) -> None:
@@ -172,6 +181,8 @@ class DataIterator:
         self.rows = int(d["rows"])
         self._encode.records = int(d["records"])
         self._encode.skipped = int(d["skipped"])
+        if self._counter is not None and "sources" in d:
+            self._counter.set_state(d["sources"])
 
     def start_prefetch(self) -> None:
         """Called by the checkpoint handler after a restore; nothing to start here."""
@@ -200,7 +211,10 @@ def merge_states(files: dict[tuple[int, int], str], process: tuple[int, int]) ->
             for k in ("rows", "records", "skipped")
         }
     layout = next(iter(states.values())).get("layout", {}) if states else {}
-    return json.dumps({"layout": layout, "shards": shards, **counters})
+    merged = {"layout": layout, "shards": shards, **counters}
+    if own is not None and "sources" in own:
+        merged["sources"] = own["sources"]
+    return json.dumps(merged)
 
 
 def _upgrade(state: dict[str, Any], index: int, count: int) -> dict[str, Any]:
