@@ -240,7 +240,9 @@ def test_after_sigkill_and_resume_metrics_have_each_step_once(tmp_path, env):
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, saved + 4)), steps
     newest = max((workdir / "tensorboard").iterdir(), key=lambda p: p.stat().st_mtime)
-    start_event = b"\x32\x02\x08\x01"  # field 6 (session_log) = {status: START}
+    # Event field 7 (session_log) = {status: START} (field 6 is the deprecated log_message, where
+    # the former hand-made writer put it)
+    start_event = b"\x3a\x02\x08\x01"
     assert start_event in newest.read_bytes()
 
 

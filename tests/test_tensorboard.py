@@ -70,5 +70,17 @@ def test_a_resumed_run_supersedes_the_replayed_steps(tmp_path):
     log.close()
     got = [(e.step, e.value) for e in _read(tmp_path).Scalars("loss")]
     assert got == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    from tensorboard.backend.event_processing.event_file_loader import (  # noqa: PLC0415
+        EventFileLoader,
+    )
+    from tensorboard.compat.proto.event_pb2 import SessionLog  # noqa: PLC0415
+
+    starts = [
+        (path.name, event.step)
+        for path in sorted((tmp_path / "tensorboard").iterdir())
+        for event in EventFileLoader(str(path)).Load()
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START
+    ]
+    assert [step for _, step in starts] == [3]  # the resumed writer's file only
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
