@@ -1,6 +1,6 @@
 """The embedded ablation demo: MTP head on/off x full attention every 2nd/4th layer, on the
-embedded default (configs/default.py), 150 steps each with held-out evaluation (5% of the stdlib
-files by hash), then the comparison table and plot:
+embedded default (configs/default.py), 150 steps of 8 x 64 tokens each with held-out evaluation
+(5% of the stdlib files by hash), then the comparison table and plot:
 
     python -m launch.sweep --sweep_file=configs/sweeps/default_ablation.py --workdir=/tmp/ablation
     python -m train.compare /tmp/ablation
@@ -23,7 +23,8 @@ FLAGS = [
     "--config.train.eval_every=50",
     "--config.train.eval_batches=4",
     "--config.data.eval_fraction=0.05",
-    "--config.data.max_bytes=1500000",
+    "--config.train.seq_len=64",
+    "--config.data.max_bytes=1000000",
     "--config.optimizer.warmup_steps=15",
     "--config.checkpoint.every_steps=150",
     "--config.train.completion_tokens=0",
