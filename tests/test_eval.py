@@ -129,17 +129,14 @@ def test_eval_loss_is_the_cross_entropy_of_apply_on_those_batches(tmp_path, toke
     evaluator = evaluation.Evaluator(batches, mesh, model_cfg, runtime, replicated)
     result = evaluator(params)
 
+    forward = jax.jit(
+        lambda p, tokens, seg, pos: qwen35_jax.apply(
+            model_cfg, p, tokens, segment_ids=seg, positions=pos, return_mtp=True, runtime=runtime
+        )
+    )
     sums = np.zeros(4)
     for b in batches:
-        out = qwen35_jax.apply(
-            model_cfg,
-            params,
-            b["tokens"],
-            segment_ids=b["segment_ids"],
-            positions=b["positions"],
-            return_mtp=True,
-            runtime=runtime,
-        )
+        out = forward(params, b["tokens"], b["segment_ids"], b["positions"])
         sums[:2] += _cross_entropy(out.logits, b["tokens"], b["segment_ids"], 1)
         sums[2:] += _cross_entropy(out.mtp_logits, b["tokens"], b["segment_ids"], 2)
     assert result.tokens == int(sums[1])
