@@ -11,6 +11,7 @@ optimizer.py       AdamW with decay mask, schedules (cosine, WSD), clipping
 checkpointing.py   orbax async checkpoints, resume, incomplete checkpoints, SIGTERM
 metrics.py         console line, metrics.jsonl, TensorBoard (tensorboard.py: tensorboardX)
 evaluation.py      held-out evaluation: fixed batches, one jitted loss pass, no gradient
+compare.py         `python -m train.compare`: table and loss curves of several runs
 flops.py           analytic training FLOPs per token for MFU
 sampling.py        greedy completions for the end of a run
 tokenizer.py       `python -m train.tokenizer`: train a sentencepiece model
