@@ -1,6 +1,9 @@
 """The grain input pipeline: sources -> documents -> tokens -> packed rows -> per-host batches.
 
-sources.py     text files, JSONL and ArrayRecord as random-access record sources
+sources.py     text files, JSONL, ArrayRecord and Parquet as random-access record sources
+parquet.py     Parquet: the text column, row group by row group (pyarrow)
+split.py       the held-out split by a hash of each document's bytes
+mixture.py     data.mixture: several sources mixed by weight (grain), tokens per source
 tokenizers.py  sentencepiece and Hugging Face tokenizer.json behind one small interface
 input.py       input_pipeline(): decides text vs multimodal once, builds this process's
                iterator and assembles global batches
