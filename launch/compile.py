@@ -1,7 +1,8 @@
 """Compile the trainer's step for a TPU pod on this machine, before renting the pod.
 
     python -m launch.compile --config=configs/qwen3_5_0_8b.py --topology=v5p:2x2x4 \\
-        [--num_slices=N] [--config.a.b=value ...] [--dump=DIR]
+        [--num_slices=N] [--config.a.b=value ...] [--dump=DIR] \\
+        [--decode [--decode_batch=B] [--decode_context=S]]
 
 The TPU compiler (`libtpu`, the wheel `jax[tpu]` pins) builds the devices of a topology without
 any TPU (`jax.experimental.topologies.get_topology_desc`); the config's mesh is laid out on them
@@ -19,8 +20,12 @@ v5p-32 = v5p:2x2x4), `v4:XxYxZ`, `v5e:XxY`, `v6e:XxY`; Cloud TPU accelerator typ
 v5litepod-16, v6e-64, v4-32) are accepted and mapped to their standard slice shapes.
 Exit status: 0 fits, 1 does not fit, 2 bad input (an unknown topology, a mesh that does not
 match its chips, a bad override, no libtpu). Nothing needs a TPU, the network or credentials.
-`--dump DIR` writes the compiled HLO (`train_step.hlo.txt`; when the compiler refuses the
-program, the StableHLO `train_step.stablehlo.mlir`).
+`--decode` then compiles one decode step of generation (`launch/compile_decode.py`:
+`qwen35_jax.decode.decode_step`, one token for each of `--decode_batch` rows, default
+`train.batch_size`, with `--decode_context` cache slots, default `train.seq_len`) on the same mesh
+and prints the same figures for it (its exit status counts too).
+`--dump DIR` writes the compiled HLO (`train_step.hlo.txt`, `decode_step.hlo.txt`; when the
+compiler refuses a program, its StableHLO `train_step.stablehlo.mlir`).
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ _TOPOLOGY = flags.DEFINE_string(
 )
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices of that topology (multi-slice)")
 _DUMP = flags.DEFINE_string("dump", None, "directory for the compiled HLO text")
+_DECODE = flags.DEFINE_boolean(
+    "decode", False, "also compile one decode step (generation) after the train step"
+)
+_DECODE_BATCH = flags.DEFINE_integer(
+    "decode_batch", None, "rows of the decode step (default: train.batch_size)"
+)
+_DECODE_CONTEXT = flags.DEFINE_integer(
+    "decode_context", None, "cache slots per attention layer (default: train.seq_len)"
+)
 
 GiB = 1024**3
 _CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
@@ -185,7 +199,6 @@ def compile_step(config: Any, devices: list[Any], dump: str | None = None) -> Re
     import jax.numpy as jnp  # noqa: PLC0415
 
     from qwen35_jax import mesh as mesh_lib  # noqa: PLC0415
-    from qwen35_jax import sharding  # noqa: PLC0415
     from train import config_schema, loop  # noqa: PLC0415
     from train.data.input import batch_shapes  # noqa: PLC0415
     from train.state import batch_shardings  # noqa: PLC0415
@@ -203,9 +216,20 @@ def compile_step(config: Any, devices: list[Any], dump: str | None = None) -> Re
         )
         for k, shape in shapes.items()
     }
+    return compile_jitted(setup.fn, (setup.abstract, batch), mesh, dump, "train_step")
+
+
+def compile_jitted(
+    fn: Any, args: tuple[Any, ...], mesh: Any, dump: str | None, name: str
+) -> Result:
+    """Lowers and compiles the jitted `fn` on abstract `args` under `mesh` for its devices: the
+    compiler's memory and the collectives of its HLO, or its out-of-memory refusal. `--dump`
+    files are named `name`."""
+    from qwen35_jax import sharding  # noqa: PLC0415
+
     with sharding.use_mesh(mesh):
         t0 = time.perf_counter()
-        lowered = setup.fn.lower(setup.abstract, batch)
+        lowered = fn.lower(*args)
         t1 = time.perf_counter()
         try:
             compiled = lowered.compile()
@@ -214,7 +238,7 @@ def compile_step(config: Any, devices: list[Any], dump: str | None = None) -> Re
                 raise
             t2 = time.perf_counter()
             if dump:
-                _write(dump, "train_step.stablehlo.mlir", lowered.as_text())
+                _write(dump, f"{name}.stablehlo.mlir", lowered.as_text())
             required, hbm = _refusal(str(e))
             message = str(e).strip().splitlines()[0]
             empty = {k: Collective(0, 0.0) for k in KINDS}
@@ -231,9 +255,28 @@ def compile_step(config: Any, devices: list[Any], dump: str | None = None) -> Re
     )
     text = compiled.as_text()
     if dump:
-        _write(dump, "train_step.hlo.txt", text)
+        _write(dump, f"{name}.hlo.txt", text)
     comms, notes = collectives(text)
     return Result(t1 - t0, t2 - t1, memory, "", None, None, comms, notes, text, dict(mesh.shape))
+
+
+def compile_decode(
+    config: Any, devices: list[Any], batch: int, context: int, dump: str | None = None
+) -> tuple[Result, Any]:
+    """Lowers and compiles one decode step (`launch/compile_decode.py`) for `batch` rows and
+    `context` cache slots on the config's mesh; (its Result, its `compile_decode.Inputs`)."""
+    import jax  # noqa: PLC0415
+
+    from launch import compile_decode as decode_lib  # noqa: PLC0415
+    from qwen35_jax import mesh as mesh_lib  # noqa: PLC0415
+    from train import config_schema  # noqa: PLC0415
+
+    jax.config.update("jax_threefry_partitionable", True)
+    model_cfg = config_schema.model_config(config)
+    runtime = config_schema.runtime_config(config)
+    mesh = mesh_lib.mesh_from_config(config.mesh, devices)
+    inputs = decode_lib.decode_inputs(model_cfg, runtime, mesh, batch, context)
+    return compile_jitted(inputs.fn, inputs.args, mesh, dump, "decode_step"), inputs
 
 
 def _write(directory: str, name: str, text: str) -> None:
@@ -297,30 +340,8 @@ def report(
         f"lowered in {result.lower_s:.1f} s, compiled in {result.compile_s:.1f} s",
     ]
     planned, why = planner_total(config, chip, len(devices))
-    if result.memory is None:
-        need = f"{result.required / GiB:.2f} GiB" if result.required else "more than HBM"
-        lines.append(f"DOES NOT FIT: the TPU compiler refused the step: needs {need} per chip")
-        lines.append(f"  compiler: {result.refused}")
-        fits, total = False, result.required
-    else:
-        mem = result.memory
-        rows = [
-            ("arguments", mem.arguments),
-            ("temporaries", mem.temporaries),
-            ("outputs", mem.outputs),
-            ("aliased (donated)", -mem.aliased),
-            ("generated code", mem.code),
-        ]
-        lines.append(f"{'per chip (TPU compiler)':<30}{'GiB':>9}")
-        lines += [f"  {name:<28}{b / GiB:>9.2f}" for name, b in rows]
-        total = mem.total
-        fits = hbm is None or total <= hbm
-        hbm_txt = f" of {hbm / GiB:.2f} GiB HBM" if hbm else ""
-        pct = f" ({100 * total / hbm:.0f}%)" if hbm else ""
-        lines.append(
-            f"  {'total':<28}{total / GiB:>9.2f}{hbm_txt}: {'FITS' if fits else 'DOES NOT FIT'}"
-            f"{pct}"
-        )
+    body, fits, total = _memory_lines(result, hbm)
+    lines += body
     if planned is None:
         lines.append(f"planner: no figure ({why})")
     elif total:
@@ -328,15 +349,73 @@ def report(
             f"planner (launch/plan.py): {planned / GiB:.2f} GiB per chip; compiler - planner = "
             f"{(total - planned) / GiB:+.2f} GiB (compiler / planner = {total / planned:.2f})"
         )
-    if result.memory is not None:
-        lines.append(f"{'collectives per step per chip':<30}{'count':>9}{'GiB':>11}")
-        for kind in KINDS:
-            c = result.collectives[kind]
-            lines.append(f"  {kind:<28}{c.count:>9}{c.bytes / GiB:>11.3f}")
-        all_bytes = sum(c.bytes for c in result.collectives.values())
-        lines.append(f"  {'total':<28}{'':>9}{all_bytes / GiB:>11.3f}")
-        lines += [f"  note: {n}" for n in result.notes]
+    lines += _collective_lines(result)
     return "\n".join(lines), fits
+
+
+def decode_report(
+    topology: str, batch: int, context: int, result: Result, inputs: Any
+) -> tuple[str, bool]:
+    """(the printed report of the decode step, whether it fits the chip's HBM)."""
+    from launch import plan as planner  # noqa: PLC0415
+
+    hbm = result.hbm or planner.CHIPS.get(chip_of(topology), (None,))[0]
+    lines = [
+        f"decode step: {batch} rows x 1 token, {context} cache slots per attention layer",
+        f"lowered in {result.lower_s:.1f} s, compiled in {result.compile_s:.1f} s",
+    ]
+    body, fits, _ = _memory_lines(result, hbm)
+    lines += body
+    both = inputs.param_bytes + inputs.state_bytes
+    lines.append(
+        f"shards per chip: parameters {inputs.param_bytes / GiB:.2f} GiB + decode state "
+        f"{inputs.state_bytes / GiB:.2f} GiB = {both / GiB:.2f} GiB (the compiler's arguments, "
+        "less the token ids)"
+    )
+    lines += _collective_lines(result)
+    return "\n".join(lines), fits
+
+
+def _memory_lines(result: Result, hbm: float | None) -> tuple[list[str], bool, float | None]:
+    """(report lines of the compiler's memory per chip, fits, total bytes)."""
+    if result.memory is None:
+        need = f"{result.required / GiB:.2f} GiB" if result.required else "more than HBM"
+        lines = [
+            f"DOES NOT FIT: the TPU compiler refused the program: needs {need} per chip",
+            f"  compiler: {result.refused}",
+        ]
+        return lines, False, result.required
+    mem = result.memory
+    rows = [
+        ("arguments", mem.arguments),
+        ("temporaries", mem.temporaries),
+        ("outputs", mem.outputs),
+        ("aliased (donated)", -mem.aliased),
+        ("generated code", mem.code),
+    ]
+    lines = [f"{'per chip (TPU compiler)':<30}{'GiB':>9}"]
+    lines += [f"  {name:<28}{b / GiB:>9.2f}" for name, b in rows]
+    total = mem.total
+    fits = hbm is None or total <= hbm
+    hbm_txt = f" of {hbm / GiB:.2f} GiB HBM" if hbm else ""
+    pct = f" ({100 * total / hbm:.0f}%)" if hbm else ""
+    lines.append(
+        f"  {'total':<28}{total / GiB:>9.2f}{hbm_txt}: {'FITS' if fits else 'DOES NOT FIT'}{pct}"
+    )
+    return lines, fits, total
+
+
+def _collective_lines(result: Result) -> list[str]:
+    if result.memory is None:
+        return []
+    lines = [f"{'collectives per step per chip':<30}{'count':>9}{'GiB':>11}"]
+    for kind in KINDS:
+        c = result.collectives[kind]
+        lines.append(f"  {kind:<28}{c.count:>9}{c.bytes / GiB:>11.3f}")
+    all_bytes = sum(c.bytes for c in result.collectives.values())
+    lines.append(f"  {'total':<28}{'':>9}{all_bytes / GiB:>11.3f}")
+    lines += [f"  note: {n}" for n in result.notes]
+    return lines
 
 
 def fill_data_inputs(config: Any) -> None:
@@ -365,6 +444,13 @@ def main(argv: list[str]) -> int:
             config_schema.mesh_devices_check(config, len(devices))
         except config_schema.ConfigValueError as e:
             raise UsageError(f"--topology={topology} ({len(devices)} chips): {e}") from None
+        decode_batch = _DECODE_BATCH.value or config.train.batch_size
+        decode_context = _DECODE_CONTEXT.value or config.train.seq_len
+        if _DECODE.value and (decode_batch < 1 or decode_context < 2):
+            raise UsageError(
+                f"--decode_batch={decode_batch} --decode_context={decode_context}: expected a "
+                "batch >= 1 and a context >= 2"
+            )
     except (UsageError, config_schema.ConfigValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -372,6 +458,12 @@ def main(argv: list[str]) -> int:
     result = compile_step(config, devices, _DUMP.value)
     text, fits = report(config, topology, _NUM_SLICES.value, devices, result)
     print(text, flush=True)
+    if _DECODE.value:
+        print(f"compiling the decode step for {topology} ...", flush=True)
+        result, inputs = compile_decode(config, devices, decode_batch, decode_context, _DUMP.value)
+        text, decode_fits = decode_report(topology, decode_batch, decode_context, result, inputs)
+        print(text, flush=True)
+        fits = fits and decode_fits
     return 0 if fits else 1
 
 

@@ -85,6 +85,25 @@ def test_tiny_dense_step_compiles_with_fsdp_4_within_25_percent_of_planner(v5p_4
     assert 0.75 <= ratio <= 1.25, (result.memory, planned / GiB, ratio)  # measured: 1.15
 
 
+def test_decode_step_compiles_with_its_state_donated(v5p_4):
+    """One decode step of the tiny MoE model, rows over fsdp=4, at two cache lengths: the
+    compiler's argument and donated bytes grow by exactly the state's shards (TPU tile padding
+    of the tiny arrays is a constant on top)."""
+    c = tiny("moe", fsdp=4)
+    (short, inputs_s), (long, inputs_l) = (
+        tpu_compile.compile_decode(c, v5p_4, batch=8, context=n) for n in (256, 2048)
+    )
+    assert long.memory is not None and long.mesh["fsdp"] == 4
+    grown = inputs_l.state_bytes - inputs_s.state_bytes
+    assert grown > 0 and inputs_l.param_bytes == inputs_s.param_bytes
+    assert long.memory.arguments - short.memory.arguments == grown
+    assert long.memory.aliased - short.memory.aliased == grown  # the state is donated
+    assert long.memory.arguments >= inputs_l.param_bytes + inputs_l.state_bytes
+    assert long.collectives["all-gather"].count > 0  # FSDP weights gathered for the step
+    text, fits = tpu_compile.decode_report("v5p:2x2x1", 8, 2048, long, inputs_l)
+    assert fits and "decode step: 8 rows x 1 token, 2048 cache slots" in text
+
+
 # ------------------------------------------------------------------------------ kernels
 
 
