@@ -47,17 +47,10 @@ def explicit(result: tpu_compile.Result, opcode: str, primitive: str) -> int:
     return sum(1 for line in result.hlo_text.splitlines() if pattern.search(line))
 
 
-def test_tiny_moe_step_compiles_with_fsdp_4(v5p_4):
-    result = tpu_compile.compile_step(tiny("moe", fsdp=4), v5p_4)
-    assert result.memory is not None and result.mesh["fsdp"] == 4
-    assert 0 < result.memory.total < GiB
-    assert result.memory.aliased > 0  # the state is donated
-    assert result.collectives["all-gather"].count > 0  # FSDP weights
-    assert explicit(result, "all-to-all", "all_to_all") == 0
-
-
 def test_expert_parallel_step_has_all_to_all(v5p_4):
     result = tpu_compile.compile_step(tiny("moe", fsdp=2, expert=2), v5p_4)
+    assert result.memory is not None and result.memory.aliased > 0  # the state is donated
+    assert result.collectives["all-gather"].count > 0  # FSDP weights
     assert explicit(result, "all-to-all", "all_to_all") > 0  # moe_dispatch.py's exchange
     a2a = result.collectives["all-to-all"]
     assert a2a.count > 0 and a2a.bytes > 0
@@ -71,18 +64,22 @@ def test_sequence_parallel_step_has_collective_permute(v5p_4):
 
 
 def test_tiny_dense_step_compiles_with_fsdp_4_within_25_percent_of_planner(v5p_4):
-    """A shape where the planned terms dominate the compiler's fixed costs (code, scalars)."""
+    """A shape where the planned terms dominate the compiler's fixed costs (code, scalars);
+    rows of 1024 take the blocked attention; no MTP head (a third of the compile time)."""
     c = tiny("dense", fsdp=4)
     t = c.model.text_config
     t.hidden_size, t.intermediate_size, t.num_hidden_layers = 256, 512, 4
+    t.mtp_num_hidden_layers = 0
     c.data.vocab_size = 4096
     c.train.update(batch_size=8, seq_len=1024, loss_chunk=256)
     result = tpu_compile.compile_step(c, v5p_4)
     assert result.memory is not None and result.mesh["fsdp"] == 4
+    assert result.memory.aliased > 0  # the state is donated
+    assert result.collectives["all-gather"].count > 0  # FSDP weights
     planned, why = tpu_compile.planner_total(c, "v5p", 4)
     assert planned, why
     ratio = result.memory.total / planned
-    assert 0.75 <= ratio <= 1.25, (result.memory, planned / GiB, ratio)  # measured: 1.15
+    assert 0.75 <= ratio <= 1.25, (result.memory, planned / GiB, ratio)  # measured: 1.16
 
 
 def test_decode_step_compiles_with_its_state_donated(v5p_4):
@@ -100,6 +97,7 @@ def test_decode_step_compiles_with_its_state_donated(v5p_4):
     assert long.memory.aliased - short.memory.aliased == grown  # the state is donated
     assert long.memory.arguments >= inputs_l.param_bytes + inputs_l.state_bytes
     assert long.collectives["all-gather"].count > 0  # FSDP weights gathered for the step
+    assert explicit(long, "all-to-all", "all_to_all") == 0  # no expert axis: no dispatch exchange
     text, fits = tpu_compile.decode_report("v5p:2x2x1", 8, 2048, long, inputs_l)
     assert fits and "decode step: 8 rows x 1 token, 2048 cache slots" in text
 
