@@ -35,6 +35,10 @@ one conv, channel order [q (Nk*K) | k (Nk*K) | v (Nv*V)]; we keep them per head:
     in_proj_z [D, H, V] <- in_proj_z.weight;  in_proj_b [D, H] <- in_proj_b.weight
     in_proj_a [D, H] <- in_proj_a.weight;     A_log [H], dt_bias [H] (same names)
     norm/scale [V] <- norm.weight;            out_proj [H, V, D] <- out_proj.weight [D, H*V]
+in_proj_b and in_proj_a ([D, H], 16-64 heads) are not split over `fsdp` (D's `embed` name):
+split, the TPU compiler turned `btd,dh->bth` into rings of collective-permutes of partial
+outputs instead of gathering the few weights (launch.compile on the tiny step: 40 permutes,
+none without the split).
 """
 
 from __future__ import annotations
@@ -230,8 +234,8 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
         wk = p("in_proj_k", (d, nk, kd), ("embed", "heads", "head_dim"))
         wv = p("in_proj_v", (d, nv, vd), ("embed", "heads", "head_dim"))
         wz = p("in_proj_z", (d, nv, vd), ("embed", "heads", "head_dim"))
-        wb = p("in_proj_b", (d, nv), ("embed", "heads"))
-        wa = p("in_proj_a", (d, nv), ("embed", "heads"))
+        wb = p("in_proj_b", (d, nv), (None, "heads"))
+        wa = p("in_proj_a", (d, nv), (None, "heads"))
         cq = p("conv_q", (w, nk, kd), ("conv", "heads", "head_dim"), _conv_init)
         ck = p("conv_k", (w, nk, kd), ("conv", "heads", "head_dim"), _conv_init)
         cv = p("conv_v", (w, nv, vd), ("conv", "heads", "head_dim"), _conv_init)
