@@ -1,0 +1,80 @@
+"""RL fine-tuning entry point (GRPO, DAPO, GSPO).
+
+    python -m train.rl --workdir=DIR [--config=configs/rl_<x>.py] [--config.a.b=value ...]
+
+The conventions of `python -m train.main` (train/main.py): every key can be overridden, a bad
+key or value is refused naming it before any compute, the resolved config is written to
+DIR/config.json, rerunning the same command resumes from the latest checkpoint, SIGTERM saves.
+Without --config the embedded default runs: configs/rl_addition.py (first pretrain its model:
+`python -m train.main --config=configs/addition_pretrain.py --workdir=/tmp/addition_pretrain`).
+The `rl` keys are documented in train/rl/config.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+_DEFAULT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "rl_addition.py"
+)
+
+
+def _argv_with_default(argv: list[str]) -> list[str]:
+    if any(a.startswith("--config=") for a in argv[1:]):
+        return argv
+    return [argv[0], f"--config={_DEFAULT}", *argv[1:]]
+
+
+# train.main's flags (shared: --config, --workdir, --check_config, --verbose) read the command
+# line when they are defined, so the RL default config is put there first
+sys.argv = _argv_with_default(sys.argv)
+from train import main as train_main  # noqa: E402
+
+
+def main(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present and not train_main._VERBOSE.value:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    workdir = train_main._WORKDIR.value
+    if not workdir:
+        raise app.UsageError("--workdir is required")
+    from train import config_schema  # noqa: PLC0415
+    from train.rl import config as rl_config  # noqa: PLC0415
+
+    config = train_main._CONFIG.value
+    try:
+        if "rl" not in config:
+            raise config_schema.ConfigValueError("rl: the config has no `rl` section")
+        rl_config.validate(config)
+        if train_main._CHECK.value:
+            print(f"config ok: rl.algo={config.rl.algo}, train.steps={config.train.steps}")
+            return
+        import jax  # noqa: PLC0415
+
+        from qwen35_jax import distributed  # noqa: PLC0415
+
+        distributed.initialize_distributed()  # joins the other processes of a multi-host job
+        jax.config.update("jax_threefry_partitionable", True)
+        config_schema.mesh_devices_check(config, jax.device_count())
+    except config_schema.ConfigValueError as e:
+        sys.exit(f"error: invalid config: {e}")
+    from train import workdir_lock  # noqa: PLC0415
+    from train.rl import loop  # noqa: PLC0415
+
+    try:
+        with workdir_lock.hold(
+            workdir, process_index=jax.process_index(), processes=jax.process_count()
+        ):
+            loop.run(config, workdir)
+    except (config_schema.ConfigValueError, workdir_lock.WorkdirLockedError) as e:
+        if train_main._VERBOSE.value:
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=train_main.parse_flags)

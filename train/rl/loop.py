@@ -1,0 +1,356 @@
+"""The RL loop: the story of a run, each part in the module it names.
+
+    run(config, workdir)
+      model config, tokenizer, task, reward                      init.py, tasks.py, rewards.py
+      mesh, optimizer, abstract state; resume or init            qwen35_jax.mesh, state.py,
+                                                                 checkpointing.py, init.py
+      per step s:
+        rollouts: the step's prompts x group_size -> qwen35_jax.generate on the training mesh
+          with state.params (the arrays being trained: no copy), rng fold_in(seed, s, attempt);
+          rewards, overlong shaping, dynamic sampling            rollout.py
+        old_logp: generate's log-probs (temperature 1) or recomputed (update.sequence_logp);
+          ref_logp from the frozen reference copy when rl.beta > 0
+        advantages per group                                     advantages.py
+        rl.num_iterations x rl.num_minibatches jitted updates    update.py (state donated)
+        metrics.jsonl / TensorBoard / console; held-out greedy accuracy every rl.eval_every
+        checkpoint every checkpoint.every_steps; SIGTERM -> save, exit
+      save
+
+Everything a step draws is a function of (train.seed, step): prompts (tasks.Task.records) and
+sampling keys. A checkpoint holds the TrainState and a small JSON of counters, so a resumed run
+repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+import qwen35_jax
+from qwen35_jax import mesh as mesh_lib
+from qwen35_jax import sharding
+from train import config_schema, init
+from train.checkpointing import Checkpointer, PreemptionGuard
+from train.data.tokenizers import Tokenizer, load_tokenizer
+from train.metrics import MetricsLogger, _duration
+from train.optimizer import make_optimizer
+from train.prepare import write_atomic
+from train.rl import rewards, rollout, tasks
+from train.rl.advantages import group_advantages
+from train.rl.config import resolved
+from train.rl.update import make_update, sequence_logp
+from train.state import abstract_state, batch_shardings, init_state
+
+
+def _say(*args: Any) -> None:
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+class Progress:
+    """The run's counters, saved with each checkpoint (the trainer's data-iterator slot)."""
+
+    def __init__(self):
+        self.counters = {"reward_errors": 0, "groups_dropped": 0}
+
+    def get_state(self) -> bytes:
+        # the keys train/data/iterator.py's handler merges across processes
+        return json.dumps(
+            {"layout": {}, "shards": {}, "rows": 0, "records": 0, "skipped": 0, **self.counters}
+        ).encode()
+
+    def set_state(self, state: bytes | str) -> None:
+        d = json.loads(state)
+        self.counters = {k: int(d.get(k, 0)) for k in self.counters}
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+class RLMetricsLogger(MetricsLogger):
+    def console_line(self, row: dict[str, Any]) -> str:
+        parts = [f"step {row['step']}/{self.total_steps}", f"reward {row['reward_mean']:.3f}"]
+        if "eval_accuracy" in row:
+            parts.append(f"eval acc {100 * row['eval_accuracy']:.1f}%")
+        parts += [
+            f"loss {row['loss']:.4f}",
+            f"kl {row['kl']:.4f}",
+            f"clip {row['clip_frac_low']:.3f}/{row['clip_frac_high']:.3f}",
+            f"len {row['response_len_mean']:.1f}",
+            f"ent {row['entropy']:.3f}",
+        ]
+        if row.get("dropped_frac"):
+            parts.append(f"dropped {100 * row['dropped_frac']:.0f}%")
+        if row.get("reward_errors"):
+            parts.append(f"reward errors {row['reward_errors']}")
+        parts.append(f"rollout {100 * row['rollout_share']:.0f}%")
+        if self._rate:
+            parts.append(f"eta {_duration((self.total_steps - row['step']) * self._rate)}")
+        return " | ".join(parts)
+
+
+def rl_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """data.tokenizer_path, else the tokenizer.json of init.from_hf / a converted checkpoint."""
+    data = config.data
+    if data.tokenizer_path:
+        path, kind = data.tokenizer_path, data.tokenizer
+    else:
+        path = config.init.from_hf or config.init.from_checkpoint
+        kind = "hf"
+        if not path or not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise config_schema.ConfigValueError(
+                f"data.tokenizer_path='' and no tokenizer.json beside the init checkpoint "
+                f"({path!r}): set data.tokenizer_path (and data.tokenizer)"
+            )
+    try:
+        return load_tokenizer(kind, path)
+    except (OSError, ValueError) as e:
+        raise config_schema.ConfigValueError(f"data.tokenizer_path: {e}") from None
+
+
+def _put(x: np.ndarray, s: jax.sharding.Sharding) -> jax.Array:
+    """A host array every process holds whole -> a global array sharded as `s`."""
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> dict[str, Any]:
+    """Trains per `config` in `workdir` (resuming if it holds checkpoints) on `devices`
+    (default: all); returns {"start_step", "step", "rows": the logged metrics}."""
+    with PreemptionGuard() as guard:
+        return _run(config, workdir, guard, devices)
+
+
+def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
+    rl = resolved(config.rl)
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    model_cfg, runtime = init.model_config(config), config_schema.runtime_config(config)
+    tokenizer = rl_tokenizer(config)
+    try:
+        task = tasks.make_task(config.rl, t.seed)
+        reward_fn = rewards.resolve(rl["reward"])
+    except (OSError, ValueError) as e:
+        raise config_schema.ConfigValueError(str(e)) from None
+    eos = int(model_cfg.text_config.eos_token_id)
+    pad = _pad(model_cfg)
+
+    mesh = mesh_lib.mesh_from_config(config.mesh, devices)
+    updates_per_step = rl["num_iterations"] * rl["num_minibatches"]
+    tx, schedule = make_optimizer(config.optimizer, t.steps * updates_per_step)
+    abstract, shardings = abstract_state(model_cfg, tx, mesh, runtime=runtime)
+    ckpt = Checkpointer(
+        os.path.join(workdir, config.checkpoint.dir),
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    progress = Progress()
+    restored = ckpt.restore_latest(abstract, progress)
+    initial = None
+    if restored is not None:
+        state, start = restored
+        _say(f"resumed from checkpoint step {start} in {ckpt.directory}")
+    else:
+        initial = init.initial_params(config, model_cfg, abstract.params)
+        state = init_state(model_cfg, tx, mesh, jax.random.key(t.seed), initial, runtime=runtime)
+        start = 0
+    ref_params = None
+    if rl["beta"] > 0:  # the frozen reference: the initial policy, sharded like it
+        if initial is None:
+            initial = init.initial_params(config, model_cfg, abstract.params)
+        ref = initial if initial is not None else _random_params(model_cfg, t.seed, runtime)
+        ref_params = jax.device_put(ref, shardings.params)
+    if jax.process_index() == 0:
+        d = config.to_dict()
+        d["model"], d["rl"] = model_cfg.to_dict(), rl
+        write_atomic(
+            os.path.join(workdir, "config.json"),
+            json.dumps(d, indent=2, sort_keys=True, default=str),
+        )
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
+
+    rows = rl["prompts_per_step"] * rl["group_size"]
+    width = rl["max_prompt_len"] + rl["max_new_tokens"]
+    mb = rows // rl["num_minibatches"]
+    bs = batch_shardings(mesh, {"ids": (mb, width), "mask": (mb, width - 1), "adv": (mb,)})
+    key_sharding = {"ids": "ids", "valid": "ids", "mask": "mask", "old_logp": "mask"}
+    key_sharding.update(ref_logp="mask", adv="adv")
+    update_fn = jax.jit(
+        make_update(model_cfg, tx, schedule, rl, runtime=runtime),
+        in_shardings=(
+            shardings,
+            {
+                k: bs[v]
+                for k, v in key_sharding.items()
+                if k != "ref_logp" or ref_params is not None
+            },
+        ),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+    logp_fn = jax.jit(lambda p, i, v: sequence_logp(model_cfg, p, i, v, runtime=runtime))
+    logger = RLMetricsLogger(
+        workdir,
+        total_steps=t.steps,
+        tokens_per_step=rows * width,
+        flops_per_step=0.0,
+        peak_flops=None,
+        enabled=jax.process_index() == 0,
+        resume_step=start,
+    )
+    base_key = jax.random.key(t.seed)
+    recompute = rl["recompute_old_logp"] or rl["temperature"] != 1.0
+    history: list[dict] = []
+    step = start
+    with sharding.use_mesh(mesh):
+
+        def sample(prompts, attempt, *, params, step):
+            key = jax.random.fold_in(jax.random.fold_in(base_key, step), attempt)
+            out = qwen35_jax.generate(
+                model_cfg,
+                params,
+                prompts,
+                max_new_tokens=rl["max_new_tokens"],
+                rng=key,
+                temperature=rl["temperature"],
+                top_p=rl["top_p"],
+                stop_token_ids=(eos,),
+                runtime=runtime,
+            )
+            return jax.device_get(out)
+
+        while step < t.steps:
+            t0 = time.perf_counter()
+            ro = rollout.collect(
+                functools.partial(sample, params=state.params, step=step),
+                task,
+                tokenizer,
+                reward_fn,
+                rl,
+                step,
+                eos,
+                pad,
+            )
+            adv_B = np.asarray(
+                group_advantages(ro.rewards_B.reshape(-1, rl["group_size"]), rl["advantage"])
+            ).reshape(-1)
+            batch = {
+                "ids": ro.ids_BW,
+                "valid": ro.valid_BW,
+                "mask": ro.mask_BT,
+                "old_logp": ro.old_logp_BT,
+                "adv": adv_B.astype(np.float32),
+            }
+            t1 = time.perf_counter()
+            if recompute:
+                batch["old_logp"] = (
+                    np.asarray(
+                        logp_fn(
+                            state.params, _put(ro.ids_BW, bs["ids"]), _put(ro.valid_BW, bs["ids"])
+                        )
+                    )
+                    * ro.mask_BT
+                )
+            if ref_params is not None:
+                batch["ref_logp"] = (
+                    np.asarray(
+                        logp_fn(
+                            ref_params, _put(ro.ids_BW, bs["ids"]), _put(ro.valid_BW, bs["ids"])
+                        )
+                    )
+                    * ro.mask_BT
+                )
+            step_metrics = []
+            for _ in range(rl["num_iterations"]):
+                for k in range(rl["num_minibatches"]):
+                    sl = slice(k * mb, (k + 1) * mb)
+                    part = {n: _put(a[sl], bs[key_sharding[n]]) for n, a in batch.items()}
+                    state, m = update_fn(state, part)
+                    step_metrics.append(m)
+            host = jax.device_get(step_metrics)
+            t2 = time.perf_counter()
+            step += 1
+            progress.counters["reward_errors"] += ro.reward_errors
+            row = _row(host, ro, rl, t0, t1, t2)
+            if rl["eval_every"] and (step % rl["eval_every"] == 0 or step == t.steps):
+                row["eval_accuracy"] = evaluate(
+                    model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime
+                )
+            history.append(logger.log(step, row))
+            if step % config.checkpoint.every_steps == 0:
+                ckpt.save(step, state, progress)
+            if guard.requested:
+                _say("preempted: saving and exiting; rerun the same command to resume")
+                break
+    ckpt.save(step, state, progress)
+    ckpt.close()
+    logger.close()
+    return {"start_step": start, "step": step, "rows": history}
+
+
+def _pad(model_cfg: qwen35_jax.Qwen35Config) -> int:
+    pad = model_cfg.text_config.pad_token_id
+    return 0 if pad is None else int(pad)
+
+
+def _random_params(model_cfg, seed: int, runtime) -> Any:
+    return qwen35_jax.init_params(model_cfg, jax.random.key(seed), runtime=runtime)
+
+
+def _row(host: list[dict], ro: rollout.Rollouts, rl: dict, t0, t1, t2) -> dict[str, float]:
+    """One step's metrics: updates averaged over the minibatches, rollout statistics."""
+    row = {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in host[0]}
+    row["ratio_max"] = float(max(np.asarray(m["ratio_max"]) for m in host))
+    step_s = t2 - t0
+    gen_tokens = float(ro.lengths_B.sum())
+    upd_tokens = float(np.sum(ro.valid_BW)) * rl["num_iterations"]
+    row.update(
+        reward_mean=float(ro.rewards_B.mean()),
+        reward_std=float(ro.rewards_B.std()),
+        raw_reward_mean=float(ro.raw_rewards_B.mean()),
+        response_len_mean=float(ro.lengths_B.mean()),
+        response_len_max=int(ro.lengths_B.max()),
+        truncated_frac=float(ro.truncated_B.mean()),
+        dropped_frac=float(ro.dropped_frac),
+        rollout_attempts=int(ro.attempts),
+        reward_errors=int(ro.reward_errors),
+        rollout_tokens_per_s=gen_tokens / max(ro.seconds, 1e-9),
+        update_tokens_per_s=upd_tokens / max(t2 - t1, 1e-9),
+        rollout_share=ro.seconds / step_s,
+        update_share=(t2 - t1) / step_s,
+        step_seconds=step_s,
+    )
+    return row
+
+
+def evaluate(model_cfg, params, task, tokenizer, reward_fn, rl, eos, runtime) -> float:
+    """Held-out greedy accuracy: the mean reward (1 = right) of greedy completions."""
+    records = task.held_out
+    if not records:
+        return float("nan")
+    prompts = [rollout.encode_prompt(tokenizer, r["prompt"], rl["max_prompt_len"]) for r in records]
+    out = jax.device_get(
+        qwen35_jax.generate(
+            model_cfg,
+            params,
+            prompts,
+            max_new_tokens=rl["max_new_tokens"],
+            stop_token_ids=(eos,),
+            runtime=runtime,
+        )
+    )
+    texts = [
+        rollout.completion_text(tokenizer, out.tokens[i], out.lengths[i], eos)
+        for i in range(len(records))
+    ]
+    scores, _ = rewards.score(reward_fn, [r["prompt"] for r in records], texts, records)
+    return float(np.mean(np.asarray(scores) >= 1.0))

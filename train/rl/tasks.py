@@ -1,0 +1,137 @@
+"""Prompt sources of RL runs: the built-in addition task, or JSON-lines records.
+
+A record is a dict `{"prompt": str, "answer": str}` (JSON lines may add `"image"`: a path, for
+multimodal prompts). A task gives the training records of step `s` (deterministic in the seed
+and the step, so a resumed run draws the same prompts) and a fixed held-out list.
+
+Built-in task "addition" (the embedded default of `python -m train.rl`): two numbers of
+`ADD_DIGITS` digits, prompt "37+48=", answer "85", one character per token (`CHARS`, a
+Hugging Face tokenizer.json written by `write_addition_files`). Pairs whose index
+(a * 100 + b) is a multiple of 10 are held out: they are never in the pretraining corpus nor in
+the RL prompts. The pretraining corpus (`configs/addition_pretrain.py`) writes the sum in its
+usual order in a fraction `ADD_CORRECT` of the documents and with its digits reversed in the
+others ("37+48=58"), so the pretrained model knows both forms and its greedy answer is mostly
+the reversed one: exact-match accuracy starts low and RL, rewarding the right form only, raises
+it (the curve is in README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+CHARS = "0123456789+="
+SPECIALS = ("<pad>", "<|endoftext|>")  # ids 0 and 1 (eos)
+ADD_DIGITS = 2
+ADD_CORRECT = 0.25
+_LO, _HI = 10 ** (ADD_DIGITS - 1), 10**ADD_DIGITS
+
+
+def _held_out(a: int, b: int) -> bool:
+    return (a * 100 + b) % 10 == 0
+
+
+def addition_record(a: int, b: int) -> dict[str, str]:
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+
+
+def addition_pairs(held_out: bool) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(_LO, _HI) for b in range(_LO, _HI) if _held_out(a, b) == held_out]
+
+
+def addition_corpus(n: int, seed: int = 0, correct: float = ADD_CORRECT) -> list[str]:
+    """`n` pretraining documents of training pairs: "a+b=sum", the sum's digits reversed in a
+    fraction 1 - `correct` of them."""
+    rng = random.Random(seed)
+    pairs = addition_pairs(held_out=False)
+    docs = []
+    for _ in range(n):
+        a, b = rng.choice(pairs)
+        s = str(a + b)
+        docs.append(f"{a}+{b}={s if rng.random() < correct else s[::-1]}")
+    return docs
+
+
+def write_addition_files(directory: str | None = None, n_docs: int = 60_000) -> dict[str, str]:
+    """The tokenizer.json and the pretraining corpus (JSON lines, key "text") of the addition
+    task, written once (atomically) under `directory` (default: the temp dir); their paths."""
+    directory = directory or os.path.join(tempfile.gettempdir(), "qwen35_jax_addition")
+    os.makedirs(directory, exist_ok=True)
+    paths = {
+        "tokenizer": os.path.join(directory, "tokenizer.json"),
+        "corpus": os.path.join(directory, f"corpus_{n_docs}.jsonl"),
+    }
+    if not os.path.exists(paths["tokenizer"]):
+        _write(paths["tokenizer"], char_tokenizer_json())
+    if not os.path.exists(paths["corpus"]):
+        lines = [json.dumps({"text": d}) for d in addition_corpus(n_docs)]
+        _write(paths["corpus"], "\n".join(lines) + "\n")
+    return paths
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def char_tokenizer_json(chars: str = CHARS) -> str:
+    """A Hugging Face tokenizer.json: one token per character of `chars`, SPECIALS first."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+
+    vocab = {t: i for i, t in enumerate((*SPECIALS, *chars))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIALS))
+    return tok.to_str()
+
+
+class Task:
+    """Training records per step (deterministic) and held-out records."""
+
+    def __init__(self, train: Sequence[dict[str, Any]], held_out: Sequence[dict[str, Any]], seed):
+        if not train:
+            raise ValueError("the task has no training records")
+        self.train, self.held_out, self.seed = list(train), list(held_out), int(seed)
+
+    def records(self, step: int, attempt: int, n: int) -> list[dict[str, Any]]:
+        """`n` training records for `step` (attempt > 0: DAPO's refills of that step)."""
+        rng = np.random.default_rng([self.seed, step, attempt])
+        return [self.train[i] for i in rng.integers(0, len(self.train), size=n)]
+
+
+def read_jsonl(path: str, key: str) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a line without "prompt" is refused naming file and line."""
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{key}={path!r} line {i}: not JSON ({e})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f'{key}={path!r} line {i}: expected {{"prompt": str, ...}}')
+            out.append(rec)
+    return out
+
+
+def make_task(rl: Any, seed: int) -> Task:
+    """The task of `rl.task` ("addition", or "jsonl": `rl.prompts_path`, `rl.eval_path`)."""
+    if rl.task == "addition":
+        train = [addition_record(a, b) for a, b in addition_pairs(held_out=False)]
+        held = [addition_record(a, b) for a, b in addition_pairs(held_out=True)]
+        held = [held[i] for i in np.random.default_rng(1234).permutation(len(held))]
+        return Task(train, held[: rl.eval_examples], seed)
+    train = read_jsonl(rl.prompts_path, "rl.prompts_path")
+    held = read_jsonl(rl.eval_path, "rl.eval_path") if rl.eval_path else []
+    return Task(train, held[: rl.eval_examples], seed)

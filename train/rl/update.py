@@ -1,0 +1,119 @@
+"""The jitted policy update and the log-probabilities of generated sequences.
+
+    sequence_logp(model_cfg, params, ids_BW, valid_BW) -> (logp_BT, entropy_BT)   T = W - 1
+    make_update(...) -> update(state, batch) -> (state, metrics)    jitted by the loop, donating
+
+`logp_BT[b, j]` is log p(ids[b, j+1] | ids[b, :j+1]) under the full forward pass (float32
+logits), `entropy_BT` the entropy of that next-token distribution. The update takes the
+gradient of `losses.policy_loss` (plus `rl.mtp_lambda` x the MTP cross-entropy on the
+generated tokens, and the MoE load-balancing loss as in pretraining) and applies the trainer's
+optimizer (train/optimizer.py) to the TrainState (train/state.py); a non-finite loss or
+gradient leaves the state unchanged but for `step` and `skipped`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import qwen35_jax
+from train.integrity import all_finite
+from train.rl.losses import policy_loss
+from train.state import TrainState
+
+
+def _logp_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
+    return logp_BT, entropy_BT
+
+
+def forward_logp(model_cfg, params, ids_BW, valid_BW, *, runtime=None, mtp: bool = False):
+    """(logp_BT, entropy_BT, model output) of the module docstring."""
+    out = qwen35_jax.apply(
+        model_cfg, params, ids_BW, attention_mask=valid_BW, return_mtp=mtp, runtime=runtime
+    )
+    logp_BT, entropy_BT = _logp_entropy(out.logits[:, :-1], ids_BW[:, 1:])
+    return logp_BT, entropy_BT, out
+
+
+def sequence_logp(model_cfg, params, ids_BW, valid_BW, *, runtime=None) -> jax.Array:
+    return forward_logp(model_cfg, params, ids_BW, valid_BW, runtime=runtime)[0]
+
+
+def make_update(
+    model_cfg: qwen35_jax.Qwen35Config,
+    tx: optax.GradientTransformation,
+    schedule: Any,
+    rl: dict,
+    *,
+    runtime: qwen35_jax.Runtime | None = None,
+):
+    """update(state, batch) -> (state, metrics); batch: ids, valid [B, W], mask, old_logp
+    (and ref_logp when rl beta > 0) [B, W-1], adv [B]."""
+    mtp = rl["mtp_lambda"] > 0
+    aux_coef = (
+        model_cfg.text_config.router_aux_loss_coef if model_cfg.text_config.num_experts else 0.0
+    )
+
+    def loss_fn(params, batch):
+        logp_BT, entropy_BT, out = forward_logp(
+            model_cfg, params, batch["ids"], batch["valid"], runtime=runtime, mtp=mtp
+        )
+        loss, m = policy_loss(
+            logp_BT,
+            batch["old_logp"],
+            batch["adv"],
+            batch["mask"],
+            algo=rl["algo"],
+            eps_low=rl["eps_low"],
+            eps_high=rl["eps_high"],
+            ref_logp_BT=batch.get("ref_logp"),
+            beta=rl["beta"],
+            loss_agg=rl["loss_agg"],
+            max_len=rl["max_new_tokens"],
+        )
+        mask_BT = batch["mask"]
+        tokens = jnp.maximum(jnp.sum(mask_BT), 1.0)
+        extra = {"entropy": jnp.sum(entropy_BT * mask_BT) / tokens}
+        if mtp:  # position j predicts token j+2; the target must be a generated token
+            mtp_logp_BT, _ = _logp_entropy(out.mtp_logits[:, :-2], batch["ids"][:, 2:])
+            mtp_mask_BT = mask_BT[:, 1:]
+            mtp_loss = -jnp.sum(mtp_logp_BT * mtp_mask_BT) / jnp.maximum(jnp.sum(mtp_mask_BT), 1)
+            loss = loss + rl["mtp_lambda"] * mtp_loss
+            extra["mtp_loss"] = mtp_loss
+        if aux_coef:
+            loss = loss + aux_coef * out.aux_loss
+            extra["aux_loss"] = out.aux_loss
+        return loss, (m, extra)
+
+    def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (loss, (m, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & all_finite(grads)
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        new = state.replace(
+            step=state.step + 1,
+            params=pick(params, state.params),
+            opt_state=pick(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            **m._asdict(),
+            **extra,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state.step),
+            "finite": finite,
+        }
+        return new, metrics
+
+    return update
