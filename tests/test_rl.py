@@ -251,3 +251,39 @@ def test_cli_refuses_bad_keys_before_compute(tmp_path):
         )
         assert p.returncode != 0 and want in p.stderr, (arg, p.stderr)
         assert "Traceback" not in p.stderr
+
+
+def test_multi_turn_mask_covers_exactly_the_policy_tokens(tok):
+    """Calculator episodes: row 0 calls the tool then answers (2 turns), row 1 answers at once;
+    the mask is 1 on the completions' tokens only (never the prompt or the observation)."""
+    from train.rl import envs
+
+    turns = [["37+48", "85"], ["85"]]  # turn 1: both rows; turn 2: row 0 only
+
+    def sampler(contexts):
+        texts = turns.pop(0)
+        assert len(texts) == len(contexts)
+        return tuple(FakeOut(contexts, texts, tok))
+
+    rec = tasks.addition_record(37, 48)
+    ep = envs.run_episodes(
+        sampler,
+        envs.CalculatorEnv,
+        [rec, rec],
+        tok,
+        max_turns=3,
+        max_new_tokens=6,
+        width=28,
+        eos=1,
+        pad=0,
+    )
+    decode = lambda ids: tok.decode([int(t) for t in ids])  # noqa: E731
+    n0 = int(ep.valid_BW[0].sum())
+    assert decode(ep.ids_BW[0, :n0]) == "37+48=37+48<|endoftext|>85=85<|endoftext|>"
+    policy0 = [j + 1 for j in np.flatnonzero(ep.mask_BT[0])]  # token positions
+    assert decode(ep.ids_BW[0, policy0]) == "37+48<|endoftext|>85<|endoftext|>"
+    assert policy0 == list(range(6, 12)) + list(range(15, 18))
+    assert ep.rewards_B.tolist() == [1.0, 1.0] and ep.lengths_B.tolist() == [9, 3]
+    assert [j + 1 for j in np.flatnonzero(ep.mask_BT[1])] == [6, 7, 8]
+    np.testing.assert_array_equal(ep.old_logp_BT[ep.mask_BT == 0], 0.0)
+    np.testing.assert_array_equal(ep.old_logp_BT[ep.mask_BT == 1], -0.5)

@@ -52,6 +52,10 @@ def rl_section() -> ml_collections.ConfigDict:
             # overlong_buffer; truncated responses (no stop token) get -1 or are masked
             overlong_buffer=4,
             truncated="penalty",  # "penalty" (-1) | "mask" (out of the loss)
+            # multi-turn episodes: "" = single turn; "calculator" (built in) or
+            # "pkg.module:Class" (train/rl/envs.py); at most max_turns completions per episode
+            env="",
+            max_turns=1,
             eval_every=10,  # held-out greedy exact-match accuracy; 0 = never
             eval_examples=200,
             mtp_lambda=0.0,  # MTP loss on the generated sequences (the drafter follows)
@@ -82,7 +86,13 @@ def validate(config: ml_collections.ConfigDict):
         _fail("rl.task", rl.task, f"must be one of {TASKS}")
     if rl.task == "jsonl" and not rl.prompts_path:
         _fail("rl.prompts_path", rl.prompts_path, "must be set for rl.task='jsonl'")
-    for key in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_iterations"):
+    for key in (
+        "prompts_per_step",
+        "max_prompt_len",
+        "max_new_tokens",
+        "num_iterations",
+        "max_turns",
+    ):
         if rl[key] < 1:
             _fail(f"rl.{key}", rl[key], "must be >= 1")
     if rl.group_size < 2:

@@ -42,7 +42,7 @@ from train.data.tokenizers import Tokenizer, load_tokenizer
 from train.metrics import MetricsLogger, _duration
 from train.optimizer import make_optimizer
 from train.prepare import write_atomic
-from train.rl import rewards, rollout, tasks
+from train.rl import envs, rewards, rollout, tasks
 from train.rl.advantages import group_advantages
 from train.rl.config import resolved
 from train.rl.update import make_update, sequence_logp
@@ -138,6 +138,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     try:
         task = tasks.make_task(config.rl, t.seed)
         reward_fn = rewards.resolve(rl["reward"])
+        env = envs.resolve(rl["env"]) if rl["env"] else None
     except (OSError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
     eos = int(model_cfg.text_config.eos_token_id)
@@ -179,9 +180,10 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     _say(f"model: {n_params:,} parameters, {len(jax.devices())} device(s), mesh {dict(mesh.shape)}")
 
     rows = rl["prompts_per_step"] * rl["group_size"]
-    width = rl["max_prompt_len"] + rl["max_new_tokens"]
+    width = rollout.row_width(rl)
     mb = rows // rl["num_minibatches"]
     bs = batch_shardings(mesh, {"ids": (mb, width), "mask": (mb, width - 1), "adv": (mb,)})
+    full = batch_shardings(mesh, {"ids": (rows, width)})["ids"]
     key_sharding = {"ids": "ids", "valid": "ids", "mask": "mask", "old_logp": "mask"}
     key_sharding.update(ref_logp="mask", adv="adv")
     update_fn = jax.jit(
@@ -239,6 +241,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 step,
                 eos,
                 pad,
+                env,
             )
             adv_B = np.asarray(
                 group_advantages(ro.rewards_B.reshape(-1, rl["group_size"]), rl["advantage"])
@@ -254,19 +257,13 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             if recompute:
                 batch["old_logp"] = (
                     np.asarray(
-                        logp_fn(
-                            state.params, _put(ro.ids_BW, bs["ids"]), _put(ro.valid_BW, bs["ids"])
-                        )
+                        logp_fn(state.params, _put(ro.ids_BW, full), _put(ro.valid_BW, full))
                     )
                     * ro.mask_BT
                 )
             if ref_params is not None:
                 batch["ref_logp"] = (
-                    np.asarray(
-                        logp_fn(
-                            ref_params, _put(ro.ids_BW, bs["ids"]), _put(ro.valid_BW, bs["ids"])
-                        )
-                    )
+                    np.asarray(logp_fn(ref_params, _put(ro.ids_BW, full), _put(ro.valid_BW, full)))
                     * ro.mask_BT
                 )
             step_metrics = []

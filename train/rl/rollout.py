@@ -8,14 +8,16 @@ completions cut at the stop token, rewards (rewards.score: failures score 0 and 
 then DAPO's overlong shaping when on, in tokens (L = max_new_tokens, C = overlong_buffer):
     L - C < len <= L      reward += (L - C - len) / C
     truncated (no stop)   reward = -1 ("penalty"), or the row leaves the loss ("mask")
+With an environment (`rl.env`, envs.py) a row is a multi-turn episode instead (the reward is
+the episode's; only the policy's tokens are in the mask).
 With dynamic sampling, groups whose rewards are all equal (zero advantage) are dropped and more
 records are drawn, at most `rl.max_refills` more attempts; if the batch is still short, dropped
 groups fill it (their advantages are 0). `dropped_frac` = dropped / generated groups.
 
-The batch is laid out for the policy forward pass, rows of width W = max_prompt_len +
-max_new_tokens: ids_BW = prompt, completion, pad; in the shifted frame [B, W-1] (position j
-predicts token j+1) `mask` marks the completion's tokens and `old_logp` holds generate's
-sampling log-probabilities there.
+The batch is laid out for the policy forward pass, rows of width W = max_turns x
+(max_prompt_len + max_new_tokens): ids_BW = prompt, completion, pad; in the shifted frame
+[B, W-1] (position j predicts token j+1) `mask` marks the completion's tokens and `old_logp`
+holds generate's sampling log-probabilities there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from train.rl import envs
 from train.rl import rewards as rewards_lib
 
 
@@ -102,27 +105,46 @@ def collect(
     step: int,
     eos: int,
     pad: int,
+    env: Callable[[], envs.Env] | None = None,
 ) -> Rollouts:
-    """One step's rollouts. `sampler(prompts, attempt) -> GenerateOutput` (host-readable)."""
+    """One step's rollouts. `sampler(prompts, attempt) -> GenerateOutput` (host-readable).
+    With `env` (envs.py), each row is a multi-turn episode and its reward the episode's."""
     t0 = time.perf_counter()
     p, g = rl["prompts_per_step"], rl["group_size"]
-    width = rl["max_prompt_len"] + rl["max_new_tokens"]
+    width = row_width(rl)
     kept: list[tuple] = []
     spare: list[tuple] = []
     errors, generated, attempt = 0, 0, 0
     while True:
-        records = task.records(step, attempt, p)
-        prompts = [encode_prompt(tokenizer, r["prompt"], rl["max_prompt_len"]) for r in records]
-        rows = [q for q in prompts for _ in range(g)]
-        out = sampler(rows, attempt)
-        tokens_BN, lengths_B, logp_BN = (np.asarray(x) for x in out)
-        texts = [completion_text(tokenizer, tokens_BN[i], lengths_B[i], eos) for i in range(p * g)]
-        recs = [r for r in records for _ in range(g)]
-        raw, failed = rewards_lib.score(reward_fn, [r["prompt"] for r in recs], texts, recs)
-        errors += failed
-        truncated_B = (lengths_B == rl["max_new_tokens"]) & (tokens_BN[:, -1] != eos)
+        records = [r for r in task.records(step, attempt, p) for _ in range(g)]
+        if env is not None:
+            ep = envs.run_episodes(
+                lambda rows, a=attempt: sampler(rows, a),
+                env,
+                records,
+                tokenizer,
+                max_turns=rl["max_turns"],
+                max_new_tokens=rl["max_new_tokens"],
+                width=width,
+                eos=eos,
+                pad=pad,
+            )
+            arrays = (ep.ids_BW, ep.valid_BW, ep.mask_BT, ep.old_logp_BT)
+            raw, lengths_B, truncated_B = ep.rewards_B, ep.lengths_B, ep.truncated_B
+            errors += ep.errors
+        else:
+            rows = [encode_prompt(tokenizer, r["prompt"], rl["max_prompt_len"]) for r in records]
+            tokens_BN, lengths_B, logp_BN = (np.asarray(x) for x in sampler(rows, attempt))
+            texts = [
+                completion_text(tokenizer, tokens_BN[i], lengths_B[i], eos) for i in range(p * g)
+            ]
+            raw, failed = rewards_lib.score(
+                reward_fn, [r["prompt"] for r in records], texts, records
+            )
+            errors += failed
+            truncated_B = (lengths_B == rl["max_new_tokens"]) & (tokens_BN[:, -1] != eos)
+            arrays = layout(rows, tokens_BN, lengths_B, logp_BN, width, pad)
         shaped_B, keep_B = shape_rewards(np.asarray(raw), lengths_B, truncated_B, rl)
-        arrays = layout(rows, tokens_BN, lengths_B, logp_BN, width, pad)
         for k in range(p):
             sl = slice(k * g, (k + 1) * g)
             group = (
@@ -160,6 +182,11 @@ def collect(
         attempt,
         time.perf_counter() - t0,
     )
+
+
+def row_width(rl: dict) -> int:
+    """W: max_turns x (max_prompt_len + max_new_tokens) (observations count as prompts)."""
+    return rl["max_turns"] * (rl["max_prompt_len"] + rl["max_new_tokens"])
 
 
 def encode_prompt(tokenizer: Any, text: str, max_len: int) -> list[int]:

@@ -6,8 +6,8 @@ and the step, so a resumed run draws the same prompts) and a fixed held-out list
 
 Built-in task "addition" (the embedded default of `python -m train.rl`): two numbers of
 `ADD_DIGITS` digits, prompt "37+48=", answer "85", one character per token (`CHARS`, a
-Hugging Face tokenizer.json written by `write_addition_files`). Pairs whose index
-(a * 100 + b) is a multiple of 10 are held out: they are never in the pretraining corpus nor in
+Hugging Face tokenizer.json written by `write_addition_files`). A tenth of
+the pairs, drawn by a hash of (a, b), are held out: they are never in the pretraining corpus nor in
 the RL prompts. The pretraining corpus (`configs/addition_pretrain.py`) writes the sum in its
 usual order in a fraction `ADD_CORRECT` of the documents and with its digits reversed in the
 others ("37+48=58"), so the pretrained model knows both forms and its greedy answer is mostly
@@ -34,7 +34,7 @@ _LO, _HI = 10 ** (ADD_DIGITS - 1), 10**ADD_DIGITS
 
 
 def _held_out(a: int, b: int) -> bool:
-    return (a * 100 + b) % 10 == 0
+    return random.Random(a * 1000 + b).random() < 0.1
 
 
 def addition_record(a: int, b: int) -> dict[str, str]:
@@ -65,7 +65,7 @@ def write_addition_files(directory: str | None = None, n_docs: int = 60_000) -> 
     os.makedirs(directory, exist_ok=True)
     paths = {
         "tokenizer": os.path.join(directory, "tokenizer.json"),
-        "corpus": os.path.join(directory, f"corpus_{n_docs}.jsonl"),
+        "corpus": os.path.join(directory, f"corpus_v3_{n_docs}.jsonl"),
     }
     if not os.path.exists(paths["tokenizer"]):
         _write(paths["tokenizer"], char_tokenizer_json())
