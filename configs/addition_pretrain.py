@@ -53,8 +53,8 @@ def get_config():
     c.train.mtp_lambda = 0.0
     c.train.prompts = ("37+48=", "12+9")
     c.train.completion_tokens = 4
-    c.checkpoint.every_steps = 250
-    c.checkpoint.keep = 8
+    c.checkpoint.every_steps = 500
+    c.checkpoint.keep = 1
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.0

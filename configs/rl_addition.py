@@ -27,13 +27,13 @@ def get_config():
     c.rl.group_size = 8
     c.rl.max_prompt_len = 8
     c.rl.max_new_tokens = 6
-    c.rl.eval_every = 10
+    c.rl.eval_every = 5
     c.rl.eval_examples = 200
-    c.train.steps = 60
+    c.train.steps = 50
     c.train.seed = 0
-    c.checkpoint.every_steps = 20
+    c.checkpoint.every_steps = 25
     c.checkpoint.keep = 2
-    c.optimizer.lr = 2e-3
+    c.optimizer.lr = 1e-4
     c.optimizer.warmup_steps = 0
     c.optimizer.schedule = "wsd"
     c.optimizer.decay_fraction = 0.0

@@ -76,9 +76,13 @@ class Progress:
 
 class RLMetricsLogger(MetricsLogger):
     def console_line(self, row: dict[str, Any]) -> str:
-        parts = [f"step {row['step']}/{self.total_steps}", f"reward {row['reward_mean']:.3f}"]
+        parts = [f"step {row['step']}/{self.total_steps}"]
+        if "reward_mean" in row:
+            parts.append(f"reward {row['reward_mean']:.3f}")
         if "eval_accuracy" in row:
             parts.append(f"eval acc {100 * row['eval_accuracy']:.1f}%")
+        if "loss" not in row:  # the evaluation before the first step
+            return " | ".join(parts)
         parts += [
             f"loss {row['loss']:.4f}",
             f"kl {row['kl']:.4f}",
@@ -183,6 +187,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     width = rollout.row_width(rl)
     mb = rows // rl["num_minibatches"]
     bs = batch_shardings(mesh, {"ids": (mb, width), "mask": (mb, width - 1), "adv": (mb,)})
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     full = batch_shardings(mesh, {"ids": (rows, width)})["ids"]
     key_sharding = {"ids": "ids", "valid": "ids", "mask": "mask", "old_logp": "mask"}
     key_sharding.update(ref_logp="mask", adv="adv")
@@ -196,10 +201,13 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 if k != "ref_logp" or ref_params is not None
             },
         ),
-        out_shardings=(shardings, None),
+        out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
-    logp_fn = jax.jit(lambda p, i, v: sequence_logp(model_cfg, p, i, v, runtime=runtime))
+    logp_fn = jax.jit(  # replicated out: every process reads every row
+        lambda p, i, v: sequence_logp(model_cfg, p, i, v, runtime=runtime),
+        out_shardings=replicated,
+    )
     logger = RLMetricsLogger(
         workdir,
         total_steps=t.steps,
@@ -214,6 +222,10 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     history: list[dict] = []
     step = start
     with sharding.use_mesh(mesh):
+        if start == 0 and rl["eval_every"]:  # the starting point of the held-out curve
+            acc = evaluate(model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime)
+            history.append(logger.log(0, {"eval_accuracy": acc}))
+            logger.restart_clock()
 
         def sample(prompts, attempt, *, params, step):
             key = jax.random.fold_in(jax.random.fold_in(base_key, step), attempt)
@@ -283,6 +295,8 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                     model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime
                 )
             history.append(logger.log(step, row))
+            if "eval_accuracy" in row:
+                logger.restart_clock()  # the ETA leaves evaluation out
             if step % config.checkpoint.every_steps == 0:
                 ckpt.save(step, state, progress)
             if guard.requested:
