@@ -219,18 +219,24 @@ def test_rl_resume_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_rl_step_on_8_devices_equals_one(tmp_path):
+    """DAPO with a KL reference, recomputed old log-probs and the MTP loss on the generated
+    tokens: 8 devices (fsdp=4, expert=2) give the rewards and losses of one device."""
     from train.rl import loop
 
     assert jax.device_count() == 8
-    c = tiny_rl_config()
+    c = tiny_rl_config(algo="dapo", beta=0.05, recompute_old_logp=True, mtp_lambda=0.2)
+    c.model.text_config.mtp_num_hidden_layers = 1
     c.train.steps, c.rl.eval_every = 2, 0
     c.mesh.update(data=1, fsdp=1, expert=1)
     one = loop.run(c, str(tmp_path / "one"), devices=jax.devices()[:1])["rows"]
     c.mesh.update(data=1, fsdp=4, expert=2)
     eight = loop.run(c, str(tmp_path / "eight"))["rows"]
+    assert [r["step"] for r in one] == [1, 2]
     for a, b in zip(one, eight, strict=True):
         assert a["reward_mean"] == b["reward_mean"]
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
+        for key in ("loss", "kl", "mtp_loss", "pg_loss"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert one[1]["kl"] > 0 and one[1]["mtp_loss"] > 0
 
 
 def test_cli_refuses_bad_keys_before_compute(tmp_path):
