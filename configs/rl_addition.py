@@ -27,6 +27,7 @@ def get_config():
     c.rl.group_size = 8
     c.rl.max_prompt_len = 8
     c.rl.max_new_tokens = 6
+    c.rl.overlong_buffer = 2  # dapo: answers of 5-6 tokens (with eos) lose reward
     c.rl.eval_every = 5
     c.rl.eval_examples = 200
     c.train.steps = 50

@@ -58,7 +58,7 @@ class Progress:
     """The run's counters, saved with each checkpoint (the trainer's data-iterator slot)."""
 
     def __init__(self):
-        self.counters = {"reward_errors": 0, "groups_dropped": 0}
+        self.counters = {"reward_errors": 0}
 
     def get_state(self) -> bytes:
         # the keys train/data/iterator.py's handler merges across processes
@@ -290,6 +290,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             step += 1
             progress.counters["reward_errors"] += ro.reward_errors
             row = _row(host, ro, rl, t0, t1, t2)
+            row["reward_errors_total"] = progress.counters["reward_errors"]
             if rl["eval_every"] and (step % rl["eval_every"] == 0 or step == t.steps):
                 row["eval_accuracy"] = evaluate(
                     model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime
