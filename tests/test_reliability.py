@@ -22,41 +22,21 @@ import pytest
 
 import qwen35_jax
 from qwen35_jax import sharding
+from tests.runs import (
+    QUIET,
+    ROOT,
+    TINY,
+    cli,
+    env_fixture,  # noqa: F401 (the `env` fixture)
+    logged_steps,
+    start,
+    steps_on_disk,
+    wait_for,
+)
 from train import integrity
 from train.config_schema import base_config
 from train.state import init_state
 from train.step import make_train_step
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
-QUIET = ["--config.train.completion_tokens=0", "--config.train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    e = dict(os.environ)
-    e.update(
-        XLA_FLAGS="",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
-    return e
-
-
-def cli(workdir, *overrides, env, timeout=900):
-    cmd = [sys.executable, "-m", "train.main", f"--workdir={workdir}", f"--config={TINY}"]
-    return subprocess.run(
-        cmd + list(overrides), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def steps_on_disk(workdir, name="checkpoints"):
-    d = os.path.join(workdir, name)
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def param_leaves_finite(step_dir):
@@ -139,27 +119,32 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_finite_checkpo
     workdir = tmp_path / "run"
     # clip_norm=0 throughout: with clipping off, an lr of 1e4 turns finite gradients into
     # parameters that overflow (the optimizer's state layout must stay the same to resume)
-    args = ["--config.train.steps=30", "--config.checkpoint.keep=1", *QUIET]
-    args.append("--config.optimizer.clip_norm=0")
-    first = cli(workdir, *args, "--config.train.run_steps=10", env=env)
+    args = ["--config.train.steps=12", "--config.checkpoint.keep=1", *QUIET]
+    args += ["--config.optimizer.clip_norm=0", "--config.checkpoint.every_steps=4"]
+    first = cli(workdir, *args, "--config.train.run_steps=4", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert steps_on_disk(workdir) == [10]
+    assert steps_on_disk(workdir) == [4]
 
-    bad = cli(workdir, *args, "--config.optimizer.lr=1e4", env=env)
+    # train.max_skips_in_a_row=3: three skipped steps in a row are a divergence
+    bad = cli(
+        workdir, *args, "--config.optimizer.lr=1e4", "--config.train.max_skips_in_a_row=3", env=env
+    )
     assert bad.returncode != 0, bad.stdout[-3000:]
-    assert re.search(r"diverged at step 1[1-3]\b", bad.stderr), bad.stderr[-3000:]
-    assert "the last checkpoint (step 10) is intact" in bad.stderr
+    found = re.search(r"diverged at step ([5-7])\b.* in each of the 3 steps", bad.stderr)
+    assert found, bad.stderr[-3000:]
+    assert "train.max_skips_in_a_row=3" in bad.stderr
+    assert "the last checkpoint (step 4) is intact" in bad.stderr
     assert "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert "done:" not in bad.stdout
-    assert steps_on_disk(workdir) == [10], "nothing saved from the diverged state, 10 kept"
-    assert param_leaves_finite(str(workdir / "checkpoints" / "10"))
+    assert steps_on_disk(workdir) == [4], "nothing saved from the diverged state, 4 kept"
+    assert param_leaves_finite(str(workdir / "checkpoints" / "4"))
 
     again = cli(workdir, *args, "--config.optimizer.lr=1e-3", env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from checkpoint step 10" in again.stdout
+    assert "resumed from checkpoint step 4" in again.stdout
     with open(workdir / "metrics.jsonl") as f:
         rows = [json.loads(x) for x in f]
-    assert rows[-1]["step"] == 30 and np.isfinite(rows[-1]["loss"]) and rows[-1]["skipped"] == 0
+    assert rows[-1]["step"] == 12 and np.isfinite(rows[-1]["loss"]) and rows[-1]["skipped"] == 0
 
 
 def _flip_64_bytes(state_dir):
@@ -194,18 +179,9 @@ def test_corrupt_checkpoint_is_detected_and_the_run_falls_back_with_one_warning(
 
 def test_ctrl_c_saves_and_exits_like_sigterm(tmp_path, env):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.main", f"--workdir={workdir}", f"--config={TINY}"]
-    cmd += ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000", *QUIET]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    args = ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000", *QUIET]
+    proc = start(workdir, *args, env=env)
+    wait_for(proc, lambda: len(logged_steps(workdir)) >= 2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -216,18 +192,105 @@ def test_ctrl_c_saves_and_exits_like_sigterm(tmp_path, env):
     assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
 
 
+_STARVING_MAIN = """
+import os, runpy, sys, threading
+from train.data import iterator
+
+read = iterator.DataIterator.__next__
+calls = [0]
+
+def starving(self):  # 3 batches, then a source that never yields again
+    calls[0] += 1
+    if calls[0] > 3:
+        open(os.environ["STARVED_MARKER"], "w").close()
+        threading.Event().wait()
+    return read(self)
+
+iterator.DataIterator.__next__ = starving
+sys.argv[0] = "train.main"
+runpy.run_module("train.main", run_name="__main__")
+"""
+
+
+def test_sigterm_while_the_input_pipeline_is_starved_stops_promptly_and_saves(tmp_path, env):
+    """Before the fix the loop sat in the data read forever: the SIGTERM flag was set and never
+    looked at."""
+    workdir, marker = tmp_path / "run", tmp_path / "starved"
+    args = ["--config.train.steps=100", "--config.checkpoint.every_steps=100", *QUIET]
+    cmd = [sys.executable, "-c", _STARVING_MAIN, f"--workdir={workdir}", f"--config={TINY}"]
+    proc = subprocess.Popen(
+        cmd + args,
+        cwd=ROOT,
+        env=dict(env, STARVED_MARKER=str(marker)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(proc, marker.exists)
+    time.sleep(1.0)  # well inside the blocked read
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.perf_counter()
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("SIGTERM did not stop a run whose input was starved") from None
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted: checkpoint saved at step 3" in out, out[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert time.perf_counter() - t0 < 60
+    assert steps_on_disk(workdir) == [3]
+    (data,) = (workdir / "checkpoints" / "3" / "data").glob("process_*.json")
+    assert json.loads(data.read_text())["rows"] == 3 * 4, "the position before the starved read"
+
+
+_FULL_DISK_MAIN = """
+import errno, runpy, sys
+from train.data import iterator
+
+write = iterator.DataCheckpointHandler.save
+calls = [0]
+
+def full_disk(self, directory, item=None, args=None):  # the first checkpoint fits, no other
+    calls[0] += 1
+    if calls[0] > 1:
+        path = str(directory / "process_0-of-1.json")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    return write(self, directory, item, args)
+
+iterator.DataCheckpointHandler.save = full_disk
+sys.argv[0] = "train.main"
+runpy.run_module("train.main", run_name="__main__")
+"""
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, env):
+    """ENOSPC in an (async) checkpoint write: exit 1, one line on stderr (orbax's traceback of
+    its save thread is dropped), the previous checkpoint intact and resumable."""
+    workdir = tmp_path / "run"
+    args = ["--config.train.steps=12", "--config.checkpoint.every_steps=4", *QUIET]
+    cmd = [sys.executable, "-c", _FULL_DISK_MAIN, f"--workdir={workdir}", f"--config={TINY}"]
+    r = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: no space left writing ") and "checkpoints/8" in lines[0]
+    assert "the last complete checkpoint is kept" in lines[0]
+    assert steps_on_disk(workdir) == [4]
+
+    again = cli(workdir, *args, "--config.train.run_steps=1", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from checkpoint step 4" in again.stdout
+    assert steps_on_disk(workdir) == [4, 5]
+
+
 def test_after_sigkill_and_resume_metrics_have_each_step_once(tmp_path, env):
     workdir = tmp_path / "run"
     args = ["--config.train.steps=100000", "--config.checkpoint.every_steps=4", *QUIET]
-    cmd = [sys.executable, "-m", "train.main", f"--workdir={workdir}", f"--config={TINY}", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start(workdir, *args, env=env)
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        saved = (workdir / "checkpoints" / "4").is_dir()  # the async save has completed
-        if saved and metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
-            break
-        time.sleep(0.1)
+    saved4 = workdir / "checkpoints" / "4"  # is_dir once the async save has completed
+    wait_for(proc, lambda: saved4.is_dir() and len(logged_steps(workdir)) >= 6, poll=0.1)
     proc.kill()  # SIGKILL: no save, no cleanup; the workdir lock stays behind
     proc.communicate()
     saved = max(steps_on_disk(workdir))

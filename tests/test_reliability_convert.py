@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,3 +57,25 @@ def test_stale_temporaries_of_dead_converters_are_removed(hf_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert f"removed {stale}: left by converter process {dead.pid}, which is gone" in err
     assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name])
+
+
+def test_old_temporaries_without_a_pid_are_removed_once_idle_and_named_while_recent(
+    hf_dir, tmp_path, capsys
+):
+    """`<out>.tmp-XXXX` (tempfile's suffix, no pid: older converters) cannot be matched to a
+    process: removed when nothing in it changed for 10 min, else named and left."""
+    out = tmp_path / "out"
+    old = tmp_path / "out.tmp-k2j4h_x9"
+    (old / "params").mkdir(parents=True)
+    (old / "params" / "chunk").write_bytes(b"x" * 64)
+    hour_ago = time.time() - 3600
+    for p in (old / "params" / "chunk", old / "params", old):
+        os.utime(p, (hour_ago, hour_ago))
+    recent = tmp_path / "out.tmp-abcd1234"
+    recent.mkdir()
+    code = cli.main(["hf-to-orbax", "--hf_dir", hf_dir, "--out", str(out), "--no_progress"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"removed {old}: left by an older converter, unchanged for 60 min" in err
+    assert f"left {recent}: a temporary of an older converter" in err
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", recent.name])

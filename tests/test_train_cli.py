@@ -8,52 +8,21 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "tiny_cpu.py")
-QUIET = ["--config.train.completion_tokens=0", "--config.train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    e = dict(os.environ)
-    e.update(
-        XLA_FLAGS="",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
-    return e
-
-
-def cli(workdir, *overrides, env, config=TINY, timeout=600):
-    cmd = [
-        sys.executable,
-        "-m",
-        "train.main",
-        f"--workdir={workdir}",
-        f"--config={config}",
-        *overrides,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-
-def steps_on_disk(workdir):
-    d = os.path.join(workdir, "checkpoints")
-    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+from tests.runs import (
+    QUIET,
+    ROOT,
+    cli,
+    env_fixture,  # noqa: F401 (the `env` fixture)
+    logged_steps,
+    losses,
+    start,
+    steps_on_disk,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize(
@@ -157,26 +126,9 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(resumed_run, tmp_path, 
 
 def test_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path, env):
     workdir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "train.main",
-        f"--workdir={workdir}",
-        f"--config={TINY}",
-        "--config.train.steps=100000",
-        "--config.checkpoint.every_steps=100000",
-        *QUIET,
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.5)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    args = ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000", *QUIET]
+    proc = start(workdir, *args, env=env)
+    wait_for(proc, lambda: len(logged_steps(workdir)) >= 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]

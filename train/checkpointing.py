@@ -37,7 +37,7 @@ from absl import logging
 from etils import epath
 
 from train import integrity
-from train.data.iterator import DataLayoutError, DataRestore, DataSave
+from train.data.iterator import DataLayoutError, DataRestore, DataSave, StateSnapshot
 
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _INTEGRITY = "integrity"
@@ -49,16 +49,6 @@ class NonFiniteStateError(RuntimeError):
 
 class NoUsableCheckpointError(RuntimeError):
     """The workdir holds checkpoints but none restores (changed config, or all corrupt)."""
-
-
-class _StateSnapshot:
-    """The data iterator's state frozen at save time (orbax may write it later, async)."""
-
-    def __init__(self, state: bytes):
-        self._state = state
-
-    def get_state(self) -> bytes:
-        return self._state
 
 
 class Checkpointer:
@@ -166,7 +156,7 @@ class Checkpointer:
                 f"step {self.latest_step()}, is kept)"
             )
         self._last_saved = step
-        snapshot = _StateSnapshot(data_iter.get_state())
+        snapshot = StateSnapshot(data_iter.get_state())  # orbax may write it later (async)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=DataSave(snapshot),

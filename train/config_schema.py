@@ -74,6 +74,9 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         # "skip": a non-finite step leaves the state unchanged and is counted; "stop": the run
         # also stops, without saving
         nan_policy="skip",
+        # "skip": this many skipped steps in a row mean the run diverged: it stops (exit 1)
+        # naming the first bad step; nothing is saved while steps are being skipped
+        max_skips_in_a_row=10,
         mtp_lambda=0.3,  # weight of the MTP loss
         z_loss=0.0,  # coefficient of mean logsumexp^2
         peak_tflops_per_device=0.0,  # MFU denominator; 0 = from the device kind (CPU: measured)
@@ -230,6 +233,7 @@ def validate(config: ml_collections.ConfigDict) -> qwen35_jax.Qwen35Config:
         "train.grad_accum",
         "train.log_every",
         "train.eval_batches",
+        "train.max_skips_in_a_row",
         "checkpoint.every_steps",
         "checkpoint.keep",
         "optimizer.lr",

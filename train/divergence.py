@@ -5,9 +5,10 @@ not finite leaves params and optimizer moments unchanged and counts as skipped. 
 finished step (read one step late, as the other metrics):
 
     nan_policy="stop"   the first skipped step stops the run (`NonFiniteLossError`)
-    nan_policy="skip"   a skipped step is tolerated; MAX_SKIPS_IN_A_ROW skipped steps in a row
-                        mean the run has diverged and stops (`DivergedError`), naming the first
-                        bad step and the last checkpoint to resume from with a lower lr
+    nan_policy="skip"   a skipped step is tolerated; `train.max_skips_in_a_row` (default 10)
+                        skipped steps in a row mean the run has diverged and stops
+                        (`DivergedError`), naming the first bad step and the last checkpoint to
+                        resume from with a lower lr
 
 `can_save()` is False while the newest finished step was skipped: a checkpoint written then
 would hold the state every following batch has failed on, and enough of those would rotate the
@@ -20,15 +21,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-MAX_SKIPS_IN_A_ROW = 10
-
 
 class NonFiniteLossError(RuntimeError):
     """nan_policy="stop" met a NaN/Inf loss, gradient or update; the last checkpoint is intact."""
 
 
 class DivergedError(RuntimeError):
-    """MAX_SKIPS_IN_A_ROW consecutive steps were skipped; nothing after the last good step saved."""
+    """train.max_skips_in_a_row consecutive steps were skipped; nothing after the last good step
+    was saved."""
 
 
 def cause(metrics: dict[str, Any]) -> str:
@@ -50,7 +50,7 @@ def skipped_save_note(last_ckpt: int | None) -> str:
 class DivergenceMonitor:
     """Counts skipped steps in a row and applies `nan_policy`."""
 
-    def __init__(self, nan_policy: str, max_in_a_row: int = MAX_SKIPS_IN_A_ROW):
+    def __init__(self, nan_policy: str, max_in_a_row: int):
         self.nan_policy = nan_policy
         self.max_in_a_row = max_in_a_row
         self.first_bad: int | None = None  # first step of the current run of skipped steps
@@ -84,8 +84,8 @@ class DivergenceMonitor:
             raise DivergedError(
                 f"training diverged at step {self.first_bad}: {cause(metrics)} in each of the "
                 f"{self.in_a_row} steps {self.first_bad}-{step}, all skipped "
-                f"(train.nan_policy='skip'); no checkpoint was written from step "
-                f"{self.first_bad} on; {_resume_hint(last_ckpt)}"
+                f"(train.nan_policy='skip', train.max_skips_in_a_row={self.max_in_a_row}); no "
+                f"checkpoint was written from step {self.first_bad} on; {_resume_hint(last_ckpt)}"
             )
 
 

@@ -38,7 +38,7 @@ from qwen35_jax import mesh as mesh_lib
 from qwen35_jax import sharding
 from train import config_schema, end_of_run, evaluation, flops, init
 from train.checkpointing import Checkpointer, PreemptionGuard
-from train.data.input import InputPipeline, input_pipeline
+from train.data.input import InputPipeline, InputStarvedError, input_pipeline
 from train.divergence import (
     DivergedError,
     DivergenceMonitor,
@@ -117,7 +117,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
     )
     logger = _metrics_logger(config, model_cfg, runtime, workdir, start)
     stop_at = min(t.steps, start + t.run_steps) if t.run_steps else t.steps
-    monitor = DivergenceMonitor(t.nan_policy)
+    monitor = DivergenceMonitor(t.nan_policy, t.max_skips_in_a_row)
     t0 = time.perf_counter()
     with sharding.use_mesh(mesh):
         state, step, rows, preempted = _steps(
@@ -125,7 +125,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, guard: PreemptionGuard
         )
     saved = monitor.can_save()  # never a checkpoint of a state every batch has failed on
     if saved:
-        ckpt.save(step, state, pipe.iterator)
+        ckpt.save(step, state, pipe.position())
     kept = f"checkpoint saved at step {step}" if saved else skipped_save_note(ckpt.latest_step())
     ckpt.close()
     logger.close()
@@ -312,8 +312,15 @@ def _steps(
                 raise
 
     step, pending, preempted = start, None, False
+    # a stop is not held up by a starved input pipeline (one host; several stop together below)
+    stop = (lambda: guard.requested) if jax.process_count() == 1 else None
     while step < stop_at:
-        state, metrics = step_fn(state, pipe.next_global_batch())
+        try:
+            batch = pipe.next_global_batch(stop)
+        except InputStarvedError:
+            preempted = True
+            break
+        state, metrics = step_fn(state, batch)
         step += 1
         if pending is not None:
             drain(*pending)
@@ -326,7 +333,7 @@ def _steps(
             drain(*pending)  # a save needs this step's verdict (divergence.py)
             pending = None
             if monitor.can_save():
-                ckpt.save(step, state, pipe.iterator)
+                ckpt.save(step, state, pipe.position())
         if ckpt.preemption_reached(step, guard.requested):
             preempted = True
             break

@@ -137,6 +137,26 @@ def _quiet_abandoned_coroutines(unraisable: Any) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def disk_full(e: BaseException | None) -> OSError | BaseException | None:
+    """The exception in `e`'s chain that says the disk (or quota) is full, else None: an OSError
+    with ENOSPC / EDQUOT, or a tensorstore error whose text says so."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if any(s in str(e) for s in ("No space left on device", "Disk quota exceeded")):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _drop_disk_full_tracebacks(record: std_logging.LogRecord) -> bool:
+    """Orbax logs the traceback of a failed background save before train.main says it in one
+    line (the disk is full: an expected failure)."""
+    return not (record.exc_info and disk_full(record.exc_info[1]))
+
+
 def _exit_now(line: str) -> None:
     """Prints `line` and exits 1 without interpreter teardown: orbax/tensorstore reads abandoned
     by a failed restore would otherwise print "Event loop is closed" tracebacks from their
@@ -154,6 +174,7 @@ def main(argv: list[str]) -> None:
         # retrieved" tracebacks; the checkpointer reports the failure itself, in one line
         std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
         sys.unraisablehook = _quiet_abandoned_coroutines
+        logging.get_absl_logger().addFilter(_drop_disk_full_tracebacks)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _WORKDIR.value:
@@ -206,12 +227,14 @@ def main(argv: list[str]) -> None:
         if _VERBOSE.value:
             raise
         _exit_now(f"error: {e}")
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or _VERBOSE.value:
+    except Exception as e:
+        full = disk_full(e)
+        if full is None or _VERBOSE.value:
             raise
-        sys.exit(
-            f"error: no space left writing {e.filename or 'to the workdir'} ({e.strerror}); the "
-            "last complete checkpoint is kept: free space and rerun the same command to resume"
+        where = getattr(full, "filename", None) or "to the workdir"
+        _exit_now(
+            f"error: no space left writing {where}; the last complete checkpoint is kept: free "
+            "space and rerun the same command to resume"
         )
     except KeyboardInterrupt:
         sys.exit("interrupted (second Ctrl-C): not saved; the last checkpoint is kept")

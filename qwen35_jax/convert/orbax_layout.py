@@ -14,6 +14,7 @@ target mesh (`shard_shapes`). Outputs are written into `atomic_dir(out)` and ren
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,17 +189,48 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+# A temporary without a process id in its name (`<out>.tmp-XXXX`, converters before the pid was
+# added) is removed once nothing in it has changed for this long; a younger one may belong to a
+# conversion still running and is only named.
+UNNAMED_STALE_AFTER_S = 600.0
+
+
+def _newest_mtime(path: str) -> float:
+    newest = os.path.getmtime(path)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            with contextlib.suppress(OSError):  # removed meanwhile
+                newest = max(newest, os.path.getmtime(os.path.join(root, name)))
+    return newest
+
+
 def remove_stale_temporaries(out: str) -> list[str]:
-    """Removes `<out>.tmp-<pid>-*` directories whose process is gone; returns their paths."""
+    """Removes `<out>.tmp-<pid>-*` directories whose process is gone, and `<out>.tmp-XXXX` ones
+    of older converters (no pid) untouched for `UNNAMED_STALE_AFTER_S`; returns their paths.
+    One line on stderr per directory removed or left (a recent one without a pid)."""
     parent, base = os.path.dirname(out), os.path.basename(out) + ".tmp-"
     removed = []
-    for name in os.listdir(parent):
-        pid = name[len(base) :].split("-", 1)[0] if name.startswith(base) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            path = os.path.join(parent, name)
-            shutil.rmtree(path, ignore_errors=True)
-            sys.stderr.write(f"removed {path}: left by converter process {pid}, which is gone\n")
-            removed.append(path)
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(base) or not os.path.isdir(path):
+            continue
+        pid, sep, _ = name[len(base) :].partition("-")
+        if sep and pid.isdigit():
+            if int(pid) == os.getpid() or process_alive(int(pid)):
+                continue
+            why = f"left by converter process {pid}, which is gone"
+        else:
+            idle = time.time() - _newest_mtime(path)
+            if idle < UNNAMED_STALE_AFTER_S:
+                sys.stderr.write(
+                    f"left {path}: a temporary of an older converter (no process id in its "
+                    f"name), changed {idle:.0f}s ago; remove it by hand once no conversion runs\n"
+                )
+                continue
+            why = f"left by an older converter, unchanged for {idle / 60:.0f} min"
+        shutil.rmtree(path, ignore_errors=True)
+        sys.stderr.write(f"removed {path}: {why}\n")
+        removed.append(path)
     return removed
 
 

@@ -8,6 +8,13 @@ virtual shards behind them (iterator.py: `shard_plan`; `data.num_shards`, defaul
 depend on the process count), and `jax.make_array_from_process_local_data` assembles the global
 arrays. `pipe.iterator` is what checkpoints save and restore.
 
+A starved pipeline (a source that blocks, or one that skips record after record) must not hold
+a graceful stop hostage: `next_global_batch(stop=...)` reads the host batch on a helper thread
+and, while it waits, checks `stop()` every `poll_s` seconds; when it says stop, `InputStarvedError`
+is raised and `pipe.position()` is the iterator's state before that read (the batch never
+arrived; the abandoned read stays on its daemon thread until the process exits). Without
+`stop` the read happens inline, as before.
+
 Text kinds: pipeline.py (tokenize, concat-then-split) with keys tokens, segment_ids, positions
 [B, T]. Multimodal kinds: multimodal.py (first-fit packing with a patch budget) with tokens,
 segment_ids, loss_mask [B, T], pixel_values [B, P_row, F], image_grid_thw [B, G_row, 3].
@@ -16,6 +23,9 @@ segment_ids, loss_mask [B, T], pixel_values [B, P_row, F], image_grid_thw [B, G_
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,7 +34,7 @@ import ml_collections
 import qwen35_jax
 from qwen35_jax import distributed
 from train import config_schema
-from train.data.iterator import DataIterator, shard_plan
+from train.data.iterator import DataIterator, StateSnapshot, shard_plan
 from train.data.mixture import MixtureSource, SourceCounter, build_mixture_dataset
 from train.data.multimodal import (
     MULTIMODAL_FIELDS,
@@ -40,6 +50,10 @@ from train.prepare import PreparedData, multimodal_encoder
 from train.state import batch_shardings
 
 
+class InputStarvedError(RuntimeError):
+    """A stop was asked for while the input pipeline had no batch ready."""
+
+
 @dataclasses.dataclass
 class InputPipeline:
     """This process's iterator, and the global shape and sharding of every batch key."""
@@ -47,13 +61,51 @@ class InputPipeline:
     iterator: DataIterator
     shapes: dict[str, tuple[int, ...]]
     shardings: dict[str, jax.sharding.NamedSharding]
+    _abandoned: StateSnapshot | None = None
 
-    def next_global_batch(self) -> dict[str, jax.Array]:
-        host = next(self.iterator)
+    def position(self) -> DataIterator | StateSnapshot:
+        """What a checkpoint saves as the data position: the iterator, or after `InputStarvedError`
+        its state before the read that never finished."""
+        return self._abandoned or self.iterator
+
+    def next_global_batch(
+        self, stop: Callable[[], bool] | None = None, poll_s: float = 0.2
+    ) -> dict[str, jax.Array]:
+        """The next global batch; with `stop`, raises `InputStarvedError` when `stop()` turns true
+        while the host batch is still being read (module docstring)."""
+        host = next(self.iterator) if stop is None else self._read_or_stop(stop, poll_s)
         return {
             k: jax.make_array_from_process_local_data(self.shardings[k], v, self.shapes[k])
             for k, v in host.items()
         }
+
+    def _read_or_stop(self, stop: Callable[[], bool], poll_s: float) -> dict[str, Any]:
+        if self._abandoned is not None:
+            raise InputStarvedError("the input pipeline was abandoned by an earlier stop")
+        before = self.iterator.get_state()
+        box: queue.Queue = queue.Queue(maxsize=1)
+
+        def read() -> None:
+            try:
+                box.put((True, next(self.iterator)))
+            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                box.put((False, e))
+
+        threading.Thread(target=read, name="input-read", daemon=True).start()
+        while True:
+            try:
+                ok, value = box.get(timeout=poll_s)
+            except queue.Empty:
+                if stop():
+                    self._abandoned = StateSnapshot(before)
+                    raise InputStarvedError(
+                        "no batch from the input pipeline when the stop came; the checkpoint "
+                        "holds the data position before that batch"
+                    ) from None
+                continue
+            if ok:
+                return value
+            raise value
 
 
 def data_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:

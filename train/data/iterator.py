@@ -82,6 +82,16 @@ def _tuples(x: Any) -> Any:
     return x
 
 
+class StateSnapshot:
+    """A `DataIterator` state frozen when taken: what a checkpoint saves via `get_state`."""
+
+    def __init__(self, state: bytes):
+        self._state = state
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
 class DataIterator:
     """Iterator over this process's batch rows, with JSON-bytes state (module docstring).
 
