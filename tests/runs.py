@@ -23,8 +23,14 @@ QUIET = ["--config.train.completion_tokens=0", "--config.train.log_every=1"]
 
 @pytest.fixture(scope="module", name="env")
 def env_fixture(tmp_path_factory) -> dict[str, str]:
-    """The subprocesses' environment: CPU only, this checkout first, one compilation cache."""
-    cache = tmp_path_factory.mktemp("jax_cache")
+    """The subprocesses' environment: CPU only, this checkout first, one compilation cache for
+    every module of the session (and every xdist worker of it: the same tiny_cpu steps compile
+    in several modules)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's directory, above the workers' own
+    cache = base / "train_main_jax_cache"
+    cache.mkdir(exist_ok=True)
     e = dict(os.environ)
     e.update(
         XLA_FLAGS="",

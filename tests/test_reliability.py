@@ -212,6 +212,7 @@ runpy.run_module("train.main", run_name="__main__")
 """
 
 
+@pytest.mark.slow  # a train.main run: ~40 s of CPU
 def test_sigterm_while_the_input_pipeline_is_starved_stops_promptly_and_saves(tmp_path, env):
     """Before the fix the loop sat in the data read forever: the SIGTERM flag was set and never
     looked at."""
@@ -264,6 +265,7 @@ runpy.run_module("train.main", run_name="__main__")
 """
 
 
+@pytest.mark.slow  # two train.main runs: ~55 s of CPU
 def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, env):
     """ENOSPC in an (async) checkpoint write: exit 1, one line on stderr (orbax's traceback of
     its save thread is dropped), the previous checkpoint intact and resumable."""

@@ -272,20 +272,24 @@ def test_multimodal_config_checks_name_the_key(key, value, message):
         config_schema.validate(text_only)
 
 
+@pytest.mark.slow  # 60 steps: ~85 s of CPU
 def test_digits_config_trains_and_evaluates(tmp_path):
+    """A short digits run names held-out digits well above chance (10%): 68/100 after 60 steps.
+    The images must reach the captions for this: the same run trained on shuffled labels (the
+    images disconnected from their captions) gets 9/100."""
     pytest.importorskip("sklearn")
     from train import loop  # noqa: PLC0415
 
     config = runpy.run_path(os.path.join(ROOT, "configs", "digits.py"))["get_config"]()
-    config.train.steps = 16
-    config.train.log_every = 8
+    config.train.steps = 60
+    config.train.log_every = 20
     config.optimizer.warmup_steps = 4
     config.checkpoint.every_steps = 100
-    config.data.eval_examples = 10
+    config.data.eval_examples = 100
     config_schema.validate(config)
     summary = loop.run(config, str(tmp_path))
     losses = [r["loss"] for r in summary["rows"]]
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < 0.3 * losses[0], losses
     result = summary["eval"]
-    assert result["total"] == 10 and len(result["predictions"]) == 10
-    assert 0 <= result["correct"] <= 10
+    assert result["total"] == 100 and len(result["predictions"]) == 100
+    assert result["correct"] >= 40, result["predictions"]
