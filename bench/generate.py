@@ -60,11 +60,12 @@ MOE = dict(
 )
 
 
-def build(moe: bool):
-    """(HF model, our config, our params) with the same weights."""
+def build(moe: bool, smoke: bool = False):
+    """(HF model, our config, our params) with the same weights (smoke: hf_oracle's tiny
+    widths, for the test that keeps this script running)."""
     from tests import hf_oracle  # noqa: PLC0415 (the perturbed-HF-model helper)
 
-    model = hf_oracle.build(moe=moe, **WIDTH, **(MOE if moe else {}))
+    model = hf_oracle.build(moe=moe, **({} if smoke else {**WIDTH, **(MOE if moe else {})}))
     config, params = q.load_hf(hf_oracle.save(model, tempfile.mkdtemp()))
     return model, config, params
 
@@ -156,19 +157,20 @@ def state_memory(config, params, batch: int, prompt: int, n: int) -> tuple[int, 
 
 
 def measure(
-    batch: int = 8, prompt: int = 128, n: int = 256, long_context: int = 4096
+    batch: int = 8, prompt: int = 128, n: int = 256, long_context: int = 4096, smoke=False
 ) -> list[dict]:
     rows = []
     rng = np.random.RandomState(0)
-    for moe in (False, True):
-        model, config, params = build(moe)
-        prompts = rng.randint(0, WIDTH["vocab_size"], (batch, prompt)).tolist()
+    for moe in (False,) if smoke else (False, True):
+        model, config, params = build(moe, smoke)
+        vocab = config.text_config.vocab_size
+        prompts = rng.randint(0, vocab, (batch, prompt)).tolist()
         ours = ours_step_seconds(config, params, prompts, n)
         hf = hf_step_seconds(model, prompts, n)
         nocache = no_cache_step_seconds(config, params, prompts, n)
-        short = rng.randint(0, WIDTH["vocab_size"], (batch, 256)).tolist()
-        long = rng.randint(0, WIDTH["vocab_size"], (batch, long_context)).tolist()
-        ctx_n = 32
+        short = rng.randint(0, vocab, (batch, min(256, long_context))).tolist()
+        long = rng.randint(0, vocab, (batch, long_context)).tolist()
+        ctx_n = 2 if smoke else 32
         t_short = ours_step_seconds(config, params, short, ctx_n)
         t_long = ours_step_seconds(config, params, long, ctx_n)
         measured, analytic = state_memory(config, params, batch, prompt, n)
@@ -222,8 +224,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--long_context", type=int, default=4096)
+    ap.add_argument("--smoke", action="store_true", help="tiny model, dense only (tests)")
     args = ap.parse_args()
-    rows = measure(args.batch, args.prompt, args.new_tokens, args.long_context)
+    rows = measure(args.batch, args.prompt, args.new_tokens, args.long_context, args.smoke)
     text = report(rows, args.batch, args.prompt, args.new_tokens)
     print(text)
     if args.write:

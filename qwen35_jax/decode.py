@@ -6,8 +6,9 @@
            keys/values in slots [0, T) of S, each GDN layer's conv window and state after the
            row's last prompt token, length_B = lengths_B, rope_delta_B (images: 3-D positions)
     decode_step(state, ids_BT)     T new tokens per row at slots length_B + t, positions
-        length_B + rope_delta_B + t on all three rotary streams, attention over slots
-        s <= length_B + t (slots of a row's padding are overwritten before they are visible)
+        length_B + rope_delta_B + t on all three rotary streams, attention over the cached
+        slots s < length_B and causally over the T new tokens (slots at or beyond length_B,
+        a row's padding or rejected drafts, are never read; they are overwritten)
         -> logits [B, T, V], the state with length_B + T
 
 Both are one `lax.scan` over blocks (an inner scan over the block's GDN layers, then its
@@ -27,6 +28,7 @@ from qwen35_jax.decode_state import DecodeState, KVCache, constrain_decode_state
 from qwen35_jax.fusion import VisionInputs, scatter_visual
 from qwen35_jax.layers.attention import attention_mask
 from qwen35_jax.layers.decoder import FULL, LINEAR, DecoderLayer, LayerContext
+from qwen35_jax.layers.gated_deltanet import GDNCache
 from qwen35_jax.layers.norms import RMSNorm
 from qwen35_jax.layers.rotary import rotary_cos_sin
 from qwen35_jax.model import lm_head_weights
@@ -35,19 +37,41 @@ from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.vision import VisionTower, vision_rope_theta
 
 
-def _layer(rt: Runtime, config, kind: str, params: dict, x_BTD, ctx, cache, prefill: bool):
+def _layer(rt: Runtime, config, kind, params, x_BTD, ctx, cache, prefill: bool, every=False):
     layer = DecoderLayer(config.text_config, kind, rt)
-    x_BTD, _, cache = layer.apply({"params": params}, x_BTD, ctx, cache, return_cache=prefill)
+    x_BTD, _, cache = layer.apply(
+        {"params": params}, x_BTD, ctx, cache, return_cache=prefill, every_position=every
+    )
     return x_BTD, cache
 
 
-def _pad_slots(cache: KVCache, slots: int) -> KVCache:
-    pad = ((0, 0), (0, slots - cache.k.shape[1]), (0, 0), (0, 0))
-    return KVCache(jnp.pad(cache.k, pad), jnp.pad(cache.v, pad))
+def pad_slots(cache: KVCache, slots: int) -> KVCache:
+    """The prompt's keys/values [B, T, G, H] as a cache of S slots [B, G, S, H]."""
+    pad = ((0, 0), (0, 0), (0, slots - cache.k.shape[1]), (0, 0))
+    return KVCache(*(jnp.pad(jnp.swapaxes(x, 1, 2), pad) for x in cache))
 
 
-def _layers(rt, config, params, x_BTD, ctx, state: DecodeState | None, slots: int):
-    """All layers; returns (x_BTD, (linear, full, tail) caches). state None: prefill."""
+def write_kv(stacked: KVCache, new: KVCache, index_BT: jax.Array) -> KVCache:
+    """The stacked caches [L, B, G, S, H] with row b's t-th new key/value (new: [L, B, T, G,
+    H]) at slot index_BT[b, t]: a scatter of T slots, in place on a donated or loop-carried
+    buffer (slots >= S are dropped)."""
+    rows_B1 = jnp.arange(index_BT.shape[0])[:, None]
+
+    def put(cache, x_LBTGH):
+        x_BTLGH = jnp.moveaxis(x_LBTGH, 0, 2).astype(cache.dtype)
+        return cache.at[:, rows_B1, :, index_BT].set(x_BTLGH, mode="drop")
+
+    return KVCache(put(stacked.k, new.k), put(stacked.v, new.v))
+
+
+def _layers(
+    rt, config, params, x_BTD, ctx, state: DecodeState | None, slots, index_BT=None, every=False
+):
+    """All layers; returns (x_BTD, (linear, full, tail) caches). state None: prefill.
+
+    Decoding reads each attention layer's cache as a scan input (never copied into a scan
+    output: that rewrote every cache each token) and returns the new tokens' keys/values,
+    written into the stacked caches afterwards by `write_kv` (O(T) per token)."""
     c = config.text_config
     prefill = state is None
     linear = full = tail = None
@@ -55,7 +79,7 @@ def _layers(rt, config, params, x_BTD, ctx, state: DecodeState | None, slots: in
     def gdn_stack(x_BTD, stacked_params, caches):
         def body(x_BTD, inputs):
             layer_params, cache = inputs
-            return _layer(rt, config, LINEAR, layer_params, x_BTD, ctx, cache, prefill)
+            return _layer(rt, config, LINEAR, layer_params, x_BTD, ctx, cache, prefill, every)
 
         return lax.scan(body, x_BTD, (stacked_params, caches))
 
@@ -70,11 +94,13 @@ def _layers(rt, config, params, x_BTD, ctx, state: DecodeState | None, slots: in
                 rt, config, FULL, p_block["full_layer"], x_BTD, ctx, full_cache, prefill
             )
             if prefill:
-                full_new = _pad_slots(full_new, slots)
+                full_new = pad_slots(full_new, slots)
             return x_BTD, (lin_new, full_new)
 
         caches = (None, None) if prefill else (state.linear, state.full)
         x_BTD, (linear, full) = lax.scan(block, x_BTD, (params["blocks"], *caches))
+        if not prefill:
+            full = write_kv(state.full, full, index_BT)
     if c.num_tail_layers:
         x_BTD, tail = gdn_stack(x_BTD, params["tail_layers"], None if prefill else state.tail)
     return x_BTD, (linear, full, tail)
@@ -89,17 +115,21 @@ def _rotary(config: Qwen35Config, positions):
     )
 
 
-def _logits(rt: Runtime, config: Qwen35Config, params: dict, x_BTD: jax.Array) -> jax.Array:
-    c = config.text_config
+def _norm(rt: Runtime, config: Qwen35Config, params: dict, x_BTD: jax.Array) -> jax.Array:
+    eps = config.text_config.rms_norm_eps
+    return RMSNorm(eps, rt.weights_dtype).apply({"params": params["norm"]}, x_BTD)
+
+
+def head_logits(rt: Runtime, config: Qwen35Config, params: dict, h_BTD: jax.Array) -> jax.Array:
+    """Float32 logits [B, T, V] of final-normed hidden states (the head shared with MTP)."""
     dtype = rt.dtype
-    h_BTD = RMSNorm(c.rms_norm_eps, rt.weights_dtype).apply({"params": params["norm"]}, x_BTD)
     head_DV = lm_head_weights(config, params).astype(dtype)
     return jnp.einsum(
         "btd,dv->btv", h_BTD.astype(dtype), head_DV, preferred_element_type=jnp.float32
     )
 
 
-def _embed(rt: Runtime, config: Qwen35Config, params: dict, ids_BT, vision):
+def embed(rt: Runtime, config: Qwen35Config, params: dict, ids_BT, vision):
     dtype = rt.dtype
     x_BTD = jnp.take(params["embed_tokens"], ids_BT, axis=0).astype(dtype)
     if vision is not None:
@@ -109,6 +139,33 @@ def _embed(rt: Runtime, config: Qwen35Config, params: dict, ids_BT, vision):
         )
         x_BTD = scatter_visual(config, x_BTD, ids_BT, merged_MD, vision)
     return x_BTD
+
+
+def prefill_context(
+    config: Qwen35Config, lengths_B: jax.Array, t: int, positions: jax.Array | None = None
+) -> tuple[LayerContext, jax.Array]:
+    """(the layers' context for right-padded prompts of T slots, positions [3, B, T])."""
+    b = lengths_B.shape[0]
+    valid_BT = jnp.arange(t)[None, :] < lengths_B[:, None]
+    seg_BT = valid_BT.astype(jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    pos_3BT = positions if positions.ndim == 3 else jnp.broadcast_to(positions, (3, b, t))
+    cos_BTR, sin_BTR = _rotary(config, pos_3BT)
+    return LayerContext(seg_BT, cos_BTR, sin_BTR, attention_mask(seg_BT), valid_BT), pos_3BT
+
+
+def decode_context(
+    config: Qwen35Config, length_B: jax.Array, rope_delta_B: jax.Array, t: int, slots: int
+) -> tuple[LayerContext, jax.Array]:
+    """(the layers' context for T new tokens per row after length_B cached ones, their slots
+    index_BT): positions length_B + rope_delta_B + t, cache slots s < length_B visible."""
+    b = length_B.shape[0]
+    index_BT = length_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    cos_BTR, sin_BTR = _rotary(config, index_BT + rope_delta_B[:, None])
+    mask_B1S = jnp.arange(slots)[None, None, :] < length_B[:, None, None]
+    ones_BT = jnp.ones((b, t), jnp.int32)
+    return LayerContext(ones_BT, cos_BTR, sin_BTR, mask_B1S[:, None, None], ones_BT != 0), index_BT
 
 
 def prefill(
@@ -121,34 +178,34 @@ def prefill(
     positions: jax.Array | None = None,
     vision: VisionInputs | None = None,
     runtime: Runtime | None = None,
-) -> tuple[jax.Array, DecodeState]:
+    return_hidden: bool = False,
+) -> tuple[jax.Array, DecodeState] | tuple[jax.Array, DecodeState, jax.Array]:
     """Logits [B, V] (float32) of each row's last prompt token and the decode state.
 
     ids_BT: prompts right-padded to T; lengths_B: prompt lengths (>= 1); slots: S >= T, the
     attention caches' static length. positions: [B, T] or [3, B, T] (default arange; for
     images `positions.rope_index` of the padded prompts, segment ids = valid tokens).
     runtime: dtypes, kernel sizes, MoE dispatch (None: `Runtime()`); decode with the same one.
+    return_hidden: also the final-normed hidden states [B, T, D] (the MTP head's input).
     """
     rt = resolve(runtime)
     b, t = ids_BT.shape
     if slots < t:
         raise ValueError(f"slots={slots} must be >= the prompt length {t}")
-    valid_BT = jnp.arange(t)[None, :] < lengths_B[:, None]
-    seg_BT = valid_BT.astype(jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    pos_3BT = positions if positions.ndim == 3 else jnp.broadcast_to(positions, (3, b, t))
-    cos_BTR, sin_BTR = _rotary(config, pos_3BT)
-    ctx = LayerContext(seg_BT, cos_BTR, sin_BTR, attention_mask(seg_BT), valid_BT)
-    x_BTD = _embed(rt, config, params, ids_BT, vision)
+    ctx, pos_3BT = prefill_context(config, lengths_B, t, positions)
+    valid_BT = ctx.valid_BT
+    x_BTD = embed(rt, config, params, ids_BT, vision)
     x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, None, slots)
-    last_BD = jnp.take_along_axis(x_BTD, (lengths_B - 1)[:, None, None], axis=1)
-    logits_BV = _logits(rt, config, params, last_BD)[:, 0]
+    h_BTD = _norm(rt, config, params, x_BTD)
+    last_B1D = jnp.take_along_axis(h_BTD, (lengths_B - 1)[:, None, None], axis=1)
+    logits_BV = head_logits(rt, config, params, last_B1D)[:, 0]
     state = DecodeState(
         *caches,
         length_B=lengths_B.astype(jnp.int32),
         rope_delta_B=rope_deltas(pos_3BT, valid_BT).astype(jnp.int32),
     )
+    if return_hidden:
+        return logits_BV, constrain_decode_state(state), h_BTD
     return logits_BV, constrain_decode_state(state)
 
 
@@ -159,17 +216,60 @@ def decode_step(
     ids_BT: jax.Array,
     *,
     runtime: Runtime | None = None,
-) -> tuple[jax.Array, DecodeState]:
-    """Continues every row by the T tokens ids_BT: (logits [B, T, V] float32, new state)."""
+    every_position: bool = False,
+    return_hidden: bool = False,
+) -> tuple[jax.Array, DecodeState] | tuple[jax.Array, DecodeState, jax.Array]:
+    """Continues every row by the T tokens ids_BT: (logits [B, T, V] float32, new state).
+
+    every_position (speculative verification): the GDN caches of the state hold every
+    position's (`GatedDeltaNet`); `keep_positions` then keeps a per-row prefix of the T tokens.
+    return_hidden: also the final-normed hidden states [B, T, D] (the MTP head's input).
+    """
     rt = resolve(runtime)
     b, t = ids_BT.shape
-    slots = state.full.k.shape[2] if state.full is not None else 0
-    index_BT = state.length_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    cos_BTR, sin_BTR = _rotary(config, index_BT + state.rope_delta_B[:, None])
-    mask_BTS = jnp.arange(slots)[None, None, :] <= index_BT[:, :, None]
-    ones_BT = jnp.ones((b, t), jnp.int32)
-    ctx = LayerContext(ones_BT, cos_BTR, sin_BTR, mask_BTS[:, None, None], ones_BT != 0, index_BT)
-    x_BTD = _embed(rt, config, params, ids_BT, None)
-    x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, state, slots)
+    slots = state.full.k.shape[3] if state.full is not None else 0
+    ctx, index_BT = decode_context(config, state.length_B, state.rope_delta_B, t, slots)
+    x_BTD = embed(rt, config, params, ids_BT, None)
+    x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, state, slots, index_BT, every_position)
     state = DecodeState(*caches, length_B=state.length_B + t, rope_delta_B=state.rope_delta_B)
-    return _logits(rt, config, params, x_BTD), constrain_decode_state(state)
+    h_BTD = _norm(rt, config, params, x_BTD)
+    logits_BTV = head_logits(rt, config, params, h_BTD)
+    if not every_position:
+        state = constrain_decode_state(state)
+    if return_hidden:
+        return logits_BTV, state, h_BTD
+    return logits_BTV, state
+
+
+def keep_positions(state: DecodeState, keep_B: jax.Array, t: int) -> DecodeState:
+    """The state after `decode_step(..., every_position=True)` over T tokens cut back to the
+    first keep_B[b] (1..T) of them per row: each GDN layer's state and conv window after
+    token keep_B - 1 (selected, not recomputed), length_B - T + keep_B (attention slots beyond
+    are stale and never read)."""
+
+    def gdn(cache: GDNCache | None) -> GDNCache | None:
+        if cache is None:
+            return None
+        state_LBTHKV = cache.state
+        lead = state_LBTHKV.ndim - 5  # stacked-layer axes
+        shape = (1,) * lead + (-1,)
+        idx_B = (keep_B - 1).reshape(shape + (1, 1, 1, 1))
+        new_state = jnp.take_along_axis(state_LBTHKV, idx_B, axis=lead + 1)
+        new_state = jnp.squeeze(new_state, axis=lead + 1)
+
+        def window(ext):
+            w1 = ext.shape[lead + 1] - t  # W - 1
+            pos_W = keep_B[:, None] + jnp.arange(w1)[None, :]  # [B, W-1]
+            pos = pos_W.reshape(shape + (w1, 1, 1))
+            return jnp.take_along_axis(ext, pos, axis=lead + 1)
+
+        return GDNCache(window(cache.conv_q), window(cache.conv_k), window(cache.conv_v), new_state)
+
+    out = DecodeState(
+        gdn(state.linear),
+        state.full,
+        gdn(state.tail),
+        length_B=state.length_B - t + keep_B,
+        rope_delta_B=state.rope_delta_B,
+    )
+    return constrain_decode_state(out)

@@ -7,7 +7,7 @@ decoding scans over blocks with the training parameter tree (no conversion):
 
     linear  GDNCache  conv_q/conv_k [nb, i-1, B, W-1, J, K], conv_v [nb, i-1, B, W-1, H, V],
                       state [nb, i-1, B, H, K, V] float32     <- params blocks/linear_layers
-    full    KVCache   k, v [nb, B, S, G, H] (compute dtype)   <- params blocks/full_layer
+    full    KVCache   k, v [nb, B, G, S, H] (compute dtype)   <- params blocks/full_layer
     tail    GDNCache  as `linear` with one leading axis [r]   <- params tail_layers
     length_B  int32 [B]  tokens of row b in the caches (its next token goes to slot length_B)
     rope_delta_B  int32 [B]  row b's next token has position length_B + rope_delta_B on all
@@ -36,7 +36,7 @@ from qwen35_jax.runtime import Runtime, resolve
 
 class DecodeState(NamedTuple):
     linear: GDNCache | None  # leaves [nb, i-1, B, ...]; None when there are no blocks or i = 1
-    full: KVCache | None  # leaves [nb, B, S, G, H]; None when there are no blocks
+    full: KVCache | None  # leaves [nb, B, G, S, H]; None when there are no blocks
     tail: GDNCache | None  # leaves [r, B, ...]; None when r = 0
     length_B: jax.Array  # int32 [B]
     rope_delta_B: jax.Array  # int32 [B]
@@ -63,7 +63,7 @@ def abstract_decode_state(
     c = config.text_config
     nb, i, r = c.num_blocks, c.full_attention_interval, c.num_tail_layers
     dt = resolve(runtime).dtype
-    kv = jax.ShapeDtypeStruct((nb, batch, max_length, c.num_key_value_heads, c.head_dim), dt)
+    kv = jax.ShapeDtypeStruct((nb, batch, c.num_key_value_heads, max_length, c.head_dim), dt)
     row = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return DecodeState(
         linear=_gdn_shapes(config, dt, (nb, i - 1), batch) if nb and i > 1 else None,
@@ -96,7 +96,7 @@ _GDN_AXES = GDNCache(
     ("batch", None, "heads", None),
     ("batch", "heads", None, None),
 )
-_KV_AXES = ("batch", None, "kv_heads", None)
+_KV_AXES = ("batch", "kv_heads", None, None)
 
 
 def decode_state_axes(state: DecodeState) -> DecodeState:

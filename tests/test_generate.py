@@ -253,7 +253,7 @@ def test_decode_state_shapes_and_bytes(tmp_path_factory):
         c.linear_value_head_dim,
     )
     assert state.linear.state.dtype == jnp.float32
-    assert state.full.k.shape == (c.num_blocks, 3, 40, c.num_key_value_heads, c.head_dim)
+    assert state.full.k.shape == (c.num_blocks, 3, c.num_key_value_heads, 40, c.head_dim)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     assert decode_state_bytes(config, 3, 40) == nbytes
     gdn = c.num_hidden_layers - c.num_blocks

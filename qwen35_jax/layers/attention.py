@@ -14,9 +14,11 @@ segment ids and T >= `runtime.attention_blocked_min_length` (default 1024; block
 `runtime.attention_block_q`, `_block_k`).
 
 Decoding (`KVCache`, static length S): `layer(x, ..., return_cache=True)` (prefill) also returns
-the T tokens' keys and values (after k_norm and rotary); `layer(x, cos, sin, mask, cache=c,
-cache_index_BT=i)` writes the T new tokens' keys and values at cache slots i (per row) and
-attends over all S slots with `mask` [B, 1, 1, T, S] (the caller's: slot s <= i_t).
+the T tokens' keys and values (after k_norm and rotary); `layer(x, cos, sin, mask, cache=c)`
+attends over the cache's slots where `mask` [B, 1, 1, T, S] is true (the caller's: the slots
+written before, s < length) and causally over the T new tokens themselves, one softmax over
+both (`cached_attention`), and returns the T new tokens' keys and values, which the caller
+writes into its cache (`decode.py`, in place). The cache is only read: one pass over S slots.
 
 Parameter names (ours -> Hugging Face `self_attn.*`):
     q_proj [D, N, 2H]   <- q_proj.weight [N*2H, D] (transposed, reshaped)
@@ -43,26 +45,12 @@ from qwen35_jax.runtime import Runtime
 
 
 class KVCache(NamedTuple):
-    """Keys and values of one attention layer, S static slots (after k_norm and rotary)."""
+    """Keys and values of one attention layer (after k_norm and rotary): a decoding cache of S
+    static slots [B, G, S, H] (each head's slots contiguous: the attention dots read it as it
+    lies, no transposed copy), or the T new tokens' [B, T, G, H] that a layer returns."""
 
-    k: jax.Array  # [B, S, G, H] compute dtype
-    v: jax.Array  # [B, S, G, H]
-
-
-def write_cache(cache: KVCache, k_BTGH: jax.Array, v_BTGH: jax.Array, index_BT: jax.Array):
-    """The cache with slot index_BT[b, t] of row b set to the t-th new key and value."""
-    if k_BTGH.shape[1] == 1:  # one token: an elementwise select (no scatter under sharding)
-        at_BS = jnp.arange(cache.k.shape[1])[None, :] == index_BT
-        at_BS11 = at_BS[:, :, None, None]
-        return KVCache(
-            jnp.where(at_BS11, k_BTGH.astype(cache.k.dtype), cache.k),
-            jnp.where(at_BS11, v_BTGH.astype(cache.v.dtype), cache.v),
-        )
-    rows_B1 = jnp.arange(k_BTGH.shape[0])[:, None]
-    return KVCache(
-        cache.k.at[rows_B1, index_BT].set(k_BTGH.astype(cache.k.dtype)),
-        cache.v.at[rows_B1, index_BT].set(v_BTGH.astype(cache.v.dtype)),
-    )
+    k: jax.Array  # [B, G, S, H] compute dtype (a cache) or [B, T, G, H] (new tokens)
+    v: jax.Array
 
 
 def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -92,6 +80,35 @@ def dot_product_attention(
     return out_BTGRH.reshape(b, t, n, h)
 
 
+def cached_attention(
+    q_BTNH: jax.Array, cache: KVCache, mask: jax.Array, k_BTGH: jax.Array, v_BTGH: jax.Array
+) -> jax.Array:
+    """Decoding attention of T new tokens over the cache slots (cache.k, cache.v [B, G, S, H])
+    allowed by `mask` [B, 1, 1, T, S] and causally over the new tokens' own keys/values
+    (one float32 softmax over S + T scores). Returns [B, T, N, H]. The cache is only read."""
+    b, t, n, h = q_BTNH.shape
+    g = k_BTGH.shape[2]
+    q_BTGRH = q_BTNH.reshape(b, t, g, n // g, h)
+    floor = jnp.finfo(jnp.float32).min
+    old_BGRTS = jnp.einsum(
+        "btgrh,bgsh->bgrts",
+        q_BTGRH,
+        cache.k.astype(q_BTNH.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    new_BGRTU = jnp.einsum("btgrh,bugh->bgrtu", q_BTGRH, k_BTGH, preferred_element_type=jnp.float32)
+    old_BGRTS = jnp.where(mask, old_BGRTS * (h**-0.5), floor)
+    causal_TU = jnp.tril(jnp.ones((t, t), dtype=bool))
+    new_BGRTU = jnp.where(causal_TU, new_BGRTU * (h**-0.5), floor)
+    probs = jax.nn.softmax(jnp.concatenate([old_BGRTS, new_BGRTU], axis=-1), axis=-1)
+    s = old_BGRTS.shape[-1]
+    dtype = v_BTGH.dtype
+    out_BTGRH = jnp.einsum(
+        "bgrts,bgsh->btgrh", probs[..., :s].astype(dtype), cache.v.astype(dtype)
+    ) + jnp.einsum("bgrtu,bugh->btgrh", probs[..., s:].astype(dtype), v_BTGH)
+    return out_BTGRH.reshape(b, t, n, h)
+
+
 class GatedAttention(RuntimeDtypes, nn.Module):
     config: TextConfig
     runtime: Runtime = Runtime()
@@ -105,14 +122,13 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         mask: jax.Array | None,
         segment_ids_BT: jax.Array | None = None,
         cache: KVCache | None = None,
-        cache_index_BT: jax.Array | None = None,
         *,
         return_cache: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """mask [B, 1, 1, T, T] from `attention_mask`; segment_ids_BT enables the blocked path.
 
         Decoding (see the module docstring): with `return_cache`, (y, the T tokens' KVCache);
-        with a `cache`, (y, the cache with the new tokens written at `cache_index_BT`).
+        with a `cache` (only read), (y, the T new tokens' KVCache).
         """
         c = self.config
         d, n, g, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -147,8 +163,7 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         rt = self.runtime
         new_cache = KVCache(k_BTGH, v_BTGH)
         if cache is not None:
-            new_cache = write_cache(cache, k_BTGH, v_BTGH, cache_index_BT)
-            out_BTNH = dot_product_attention(q_BTNH, new_cache.k, new_cache.v, mask)
+            out_BTNH = cached_attention(q_BTNH, cache, mask, k_BTGH, v_BTGH)
         elif segment_ids_BT is not None and (t >= rt.attention_blocked_min_length or mask is None):
             out_BTNH = blocked_attention(
                 q_BTNH,

@@ -12,9 +12,10 @@ shared_expert, shared_expert_gate).
 rotary cos/sin, the attention mask and the token-validity mask. The scans broadcast it.
 
 Decoding: `layer(x, ctx, cache)` continues each row from its cache (a `GDNCache` or a `KVCache`;
-`ctx.cache_index_BT` gives the attention cache slots of the new tokens, `ctx.mask` is then
-[B, 1, 1, T, S]) and `layer(x, ctx, return_cache=True)` is a prefill; both return
-(x, stats, new cache). The stacks over layers for decoding live in `qwen35_jax/decode.py`.
+`ctx.mask` is then [B, 1, 1, T, S], the cache slots the new tokens see besides themselves) and
+`layer(x, ctx, return_cache=True)` is a prefill; both return (x, stats, new cache): the GDN
+layer's new state and windows, the attention layer's keys/values of the T new tokens (the
+caller writes them into its cache). The stacks over layers live in `qwen35_jax/decode.py`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ class LayerContext(NamedTuple):
     sin_BTR: jax.Array
     mask: jax.Array  # [B, 1, 1, T, T] boolean
     valid_BT: jax.Array
-    cache_index_BT: jax.Array | None = None  # decoding: attention cache slots of the T tokens
 
 
 class DecoderLayer(RuntimeDtypes, nn.Module):
@@ -60,9 +60,16 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BTD: jax.Array, ctx: LayerContext, cache=None, *, return_cache: bool = False
+        self,
+        x_BTD: jax.Array,
+        ctx: LayerContext,
+        cache=None,
+        *,
+        return_cache: bool = False,
+        every_position: bool = False,
     ) -> tuple[jax.Array, RouterStats | None] | tuple[jax.Array, RouterStats | None, tuple]:
-        """(x_BTD, the MoE router statistics (None for a dense FFN)[, the layer's new cache])."""
+        """(x_BTD, the MoE router statistics (None for a dense FFN)[, the layer's new cache]).
+        every_position: a GDN layer's cache after every new token (`GatedDeltaNet`)."""
         c, rt = self.config, self.runtime
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_BTD)
         decoding = cache is not None or return_cache
@@ -70,7 +77,7 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
         if self.kind == LINEAR:
             seg_BT = None if cache is not None else ctx.segment_ids_BT
             h_BTD = GatedDeltaNet(c, rt, name="linear_attn")(
-                h_BTD, seg_BT, cache, return_cache=return_cache
+                h_BTD, seg_BT, cache, return_cache=return_cache, every_position=every_position
             )
         else:
             h_BTD = GatedAttention(c, rt, name="self_attn")(
@@ -80,7 +87,6 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
                 ctx.mask,
                 segment_ids_BT=ctx.segment_ids_BT,
                 cache=cache,
-                cache_index_BT=ctx.cache_index_BT,
                 return_cache=return_cache,
             )
         if decoding:

@@ -158,13 +158,34 @@ def _splits_over_sequence(t: int, z: int, width: int) -> bool:
     return False
 
 
-def _continue(feats, g_BTH, beta_BTH, cache, chunk):
-    """T tokens continuing each row's cached document: (o_BTHV, state_BHKV, conv windows)."""
+def _every_position(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state_BHKV):
+    """T tokens by `gated_delta_rule_step` in sequence: (o_BTHV, the state after every
+    position [B, T, H, K, V] float32)."""
+
+    def step(state_BHKV, xs):
+        o_BHV, state_BHKV = gated_delta_rule_step(*xs, state_BHKV)
+        return state_BHKV, (o_BHV, state_BHKV)
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH))
+    _, (o_TBHV, states_TBHKV) = jax.lax.scan(step, state_BHKV, xs)
+    return jnp.moveaxis(o_TBHV, 0, 1), jnp.moveaxis(states_TBHKV, 0, 1)
+
+
+def _continue(feats, g_BTH, beta_BTH, cache, chunk, every_position=False):
+    """T tokens continuing each row's cached document: (o_BTHV, state_BHKV, conv windows);
+    every_position: (o_BTHV, states_BTHKV, halo + inputs [B, W-1+T, ...]), see the class."""
     qp, kp, vp = feats[:3]
     b, t = g_BTH.shape[:2]
     halos = (cache.conv_q, cache.conv_k, cache.conv_v)
     halo_seg_BW = jnp.ones((b, halos[0].shape[1]), jnp.int32)
     q_BTHK, k_BTHK, v_BTHV = _conv_features(*feats, halos, halo_seg_BW)
+    if every_position:
+        o_BTHV, states = _every_position(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, cache.state)
+        extended = tuple(
+            jnp.concatenate([h.astype(x.dtype), x], axis=1)
+            for h, x in zip(halos, (qp, kp, vp), strict=True)
+        )
+        return o_BTHV, states, extended
     if t == 1:
         o_BHV, state_BHKV = gated_delta_rule_step(
             q_BTHK[:, 0], k_BTHK[:, 0], v_BTHV[:, 0], g_BTH[:, 0], beta_BTH[:, 0], cache.state
@@ -218,11 +239,15 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
         cache: GDNCache | None = None,
         *,
         return_cache: bool = False,
+        every_position: bool = False,
     ) -> jax.Array | tuple[jax.Array, GDNCache]:
         """y_BTD; with `return_cache` (prefill) or a `cache` (decode), (y_BTD, new cache).
 
         With a cache the T tokens continue each row's cached document: `segment_ids_BT` must be
-        None (no padding, no document starts).
+        None (no padding, no document starts). every_position (with a cache; speculative
+        verification): the returned cache holds the state after every position, state
+        [B, T, H, K, V] (by T `gated_delta_rule_step`s), and conv_* = [B, W-1+T, ...], the old
+        window followed by the T new inputs: the window after position t is [t+1, t+W).
         """
         c = self.config
         d, w = c.hidden_size, c.linear_conv_kernel_dim
@@ -272,7 +297,7 @@ class GatedDeltaNet(RuntimeDtypes, nn.Module):
         z = sp.sequence_axis_size()
         if cache is not None:
             o_BTHV, state_BHKV, windows = _continue(
-                feats, g_BTH, beta_BTH, cache, self.runtime.gdn_chunk_size
+                feats, g_BTH, beta_BTH, cache, self.runtime.gdn_chunk_size, every_position
             )
         elif z > 1 and not self.is_initializing() and _splits_over_sequence(t, z, w):
             o_BTHV, state_BHKV = sp.sequence_parallel_gated_delta_rule(
