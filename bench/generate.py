@@ -217,6 +217,82 @@ def report(rows: list[dict], batch: int, prompt: int, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+SPEC_SECTION = "## Speculative decoding (issue 16)"
+SPEC_PROMPTS = (
+    "def ",
+    "import os\n",
+    "class ",
+    "    return ",
+    "for i in range(",
+    "if __name__ == ",
+    "    def __init__(self",
+    "from collections import ",
+)
+
+
+def speculative(workdir: str, n: int = 256, ks=(1, 2, 3), batches=(1, 8)) -> list[dict]:
+    """tokens/s of greedy `generate` with num_draft_tokens = k against k = 0, same process."""
+    from qwen35_jax.generate.__main__ import load_checkpoint  # noqa: PLC0415
+
+    config, runtime, params, tokenizer, _ = load_checkpoint(workdir)
+    rows = []
+    for batch in batches:
+        prompts = [tokenizer.encode(SPEC_PROMPTS[i % len(SPEC_PROMPTS)]) for i in range(batch)]
+
+        def run(k, prompts=prompts):
+            out = q.generate(
+                config, params, prompts, max_new_tokens=n, runtime=runtime, num_draft_tokens=k
+            )
+            jax.block_until_ready(out)
+            return out
+
+        base = None
+        for k in (0, *ks):
+            out = run(k)  # compiles
+            seconds = _time(lambda k=k: run(k), 2)
+            tok_s = int(np.sum(np.asarray(out.lengths))) / seconds
+            if k == 0:
+                base = tok_s
+                ref = np.asarray(out.tokens)
+            row = dict(batch=batch, k=k, tok_s=tok_s, speedup=tok_s / base)
+            if k:
+                steps = np.asarray(out.num_drafted) / k
+                row.update(
+                    acceptance=out.acceptance_rate,
+                    mean_len=float(
+                        np.mean(1 + np.asarray(out.num_accepted) / np.maximum(steps, 1))
+                    ),
+                    same=bool(np.array_equal(np.asarray(out.tokens), ref)),
+                )
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def spec_report(rows: list[dict], workdir: str, n: int) -> str:
+    lines = [
+        SPEC_SECTION,
+        "",
+        f"`python -m bench.generate --speculative {workdir}` ({datetime.date.today()}, "
+        f"{platform.machine()}, {jax.devices()[0].platform}): greedy, {n} new tokens, no stop "
+        "ids, float32; tokens/s over the whole `generate` call (prefill included, compiled "
+        "before), best of 2; k = num_draft_tokens (0 = plain decoding in the same run). "
+        "Mean accepted length: tokens emitted per verification step (1 + accepted drafts).",
+        "",
+        "| batch | k | tok/s | vs k=0 | acceptance | mean accepted length | output = k=0 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["k"]:
+            extra = f"{r['acceptance']:.2f} | {r['mean_len']:.2f} | {'yes' if r['same'] else 'NO'}"
+        else:
+            extra = "- | 1 | -"
+        lines.append(
+            f"| {r['batch']} | {r['k']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {extra} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
@@ -225,7 +301,21 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=256)
     ap.add_argument("--long_context", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny model, dense only (tests)")
+    ap.add_argument(
+        "--speculative",
+        metavar="WORKDIR",
+        help="instead: MTP speculative decoding (k=0..3, batch 1 and 8) of the model trained "
+        "in WORKDIR by `python -m train.main` (with an MTP head)",
+    )
     args = ap.parse_args()
+    if args.speculative:
+        text = spec_report(
+            speculative(args.speculative, args.new_tokens), args.speculative, args.new_tokens
+        )
+        print(text)
+        if args.write:
+            write_section(text, SPEC_SECTION)
+        return
     rows = measure(args.batch, args.prompt, args.new_tokens, args.long_context, args.smoke)
     text = report(rows, args.batch, args.prompt, args.new_tokens)
     print(text)

@@ -7,6 +7,10 @@ the next token:
     out = norm(x);  logits = lm_head(out)  ->  predicts token t+2
 The embedding table and LM head are the main model's. Training adds lambda * CE(token t+2).
 
+Decoding (speculative drafting, `generate/speculative.py`): `caches` (one `KVCache` per MTP
+layer, [B, G, S, H]) or `return_cache=True` (a prefill) makes the call also return each layer's
+keys/values of the T tokens, as `DecoderLayer` does; `ctx` then carries the decode mask.
+
 Parameter names (ours -> Hugging Face `mtp.*`):
     fc [2D, D] <- fc.weight [D, 2D];   pre_fc_norm_embedding/scale, pre_fc_norm_hidden/scale,
     norm/scale <- *.weight;            layers_{i}/... <- layers.{i}.* (a full-attention layer)
@@ -32,20 +36,35 @@ class MTPHead(RuntimeDtypes, nn.Module):
 
     @nn.compact
     def __call__(
-        self, h_BTD: jax.Array, next_embed_BTD: jax.Array, ctx: LayerContext
-    ) -> tuple[jax.Array, RouterStats | None]:
-        """(out_BTD, the MoE layers' router statistics [mtp layers, ...]; None when dense)."""
+        self,
+        h_BTD: jax.Array,
+        next_embed_BTD: jax.Array,
+        ctx: LayerContext,
+        caches: tuple | None = None,
+        *,
+        return_cache: bool = False,
+    ) -> tuple[jax.Array, RouterStats | None] | tuple[jax.Array, RouterStats | None, tuple]:
+        """(out_BTD, the MoE layers' router statistics [mtp layers, ...]; None when dense
+        [, the layers' new-token KVCaches when decoding])."""
         c = self.config
         d, eps = c.hidden_size, c.rms_norm_eps
         fc = weight(self, "fc", (2 * d, d), ("mlp", "embed"), cast=False)
         e_BTD = RMSNorm(eps, self.param_dtype, name="pre_fc_norm_embedding")(next_embed_BTD)
         h_BTD = RMSNorm(eps, self.param_dtype, name="pre_fc_norm_hidden")(h_BTD)
         x_BTD = jnp.concatenate([e_BTD, h_BTD], axis=-1).astype(self.dtype) @ fc.astype(self.dtype)
-        stats = []
+        stats, new_caches = [], []
+        decoding = caches is not None or return_cache
         for i in range(c.mtp_num_hidden_layers):
             layer = DecoderLayer(c, FULL, self.runtime, name=f"layers_{i}")
-            x_BTD, layer_stats = layer(x_BTD, ctx)
+            if decoding:
+                cache = None if caches is None else caches[i]
+                x_BTD, layer_stats, kv = layer(x_BTD, ctx, cache, return_cache=return_cache)
+                new_caches.append(kv)
+            else:
+                x_BTD, layer_stats = layer(x_BTD, ctx)
             if layer_stats is not None:
                 stats.append(jax.tree.map(lambda a: a[None], layer_stats))
         out_BTD = RMSNorm(eps, self.param_dtype, name="norm")(x_BTD)
+        if decoding:
+            return out_BTD, concat_layers(stats) if stats else None, tuple(new_caches)
         return out_BTD, concat_layers(stats) if stats else None

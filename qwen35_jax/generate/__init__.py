@@ -19,6 +19,8 @@ Steps, all inside one `jax.jit` (compiled once per prompt bucket, batch and sett
 Under a mesh (`sharding.use_mesh`) with sharded parameters the same code runs sharded: rows over
 the batch axes, caches like the activations (`decode_state.constrain_decode_state`); the outputs
 come back replicated, so every process of a multi-process run reads every row.
+num_draft_tokens=k >= 1: MTP speculative decoding (`speculative.py`), same outputs plus
+out.num_accepted / out.num_drafted per row.
 CLI: `python -m qwen35_jax.generate --checkpoint DIR --prompt "..."` (`__main__.py`).
 """
 
@@ -38,6 +40,7 @@ from qwen35_jax import sharding
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.decode import decode_step, prefill
 from qwen35_jax.fusion import check_placeholder_counts, vision_inputs
+from qwen35_jax.generate.speculative import speculative_loop
 from qwen35_jax.positions import rope_index
 from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.sampling import sample
@@ -49,6 +52,16 @@ class GenerateOutput(NamedTuple):
     tokens: jax.Array  # int32 [B, N]
     lengths: jax.Array  # int32 [B]
     logprobs: jax.Array  # float32 [B, N]
+    num_accepted: jax.Array | None = None  # int32 [B] drafts accepted (num_draft_tokens >= 1)
+    num_drafted: jax.Array | None = None  # int32 [B] drafts proposed while the row ran
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed drafts over all rows (None without speculative decoding)."""
+        if self.num_accepted is None:
+            return None
+        drafted = int(np.sum(np.asarray(self.num_drafted)))
+        return float(np.sum(np.asarray(self.num_accepted))) / max(drafted, 1)
 
 
 def prompt_bucket(length: int) -> int:
@@ -105,6 +118,7 @@ def _constrain_rows(x: jax.Array) -> jax.Array:
         "stop_token_ids",
         "stream",
         "runtime",
+        "num_draft_tokens",
     ),
 )
 def generate_arrays(
@@ -126,6 +140,7 @@ def generate_arrays(
     stop_token_ids: tuple[int, ...],
     stream: Callable | None,
     runtime: Runtime | None = None,
+    num_draft_tokens: int = 0,
 ) -> GenerateOutput:
     """The jitted core of `generate`: prompts already padded to a bucket, settings static."""
     ids_BT, lengths_B = _constrain_rows(ids_BT), _constrain_rows(lengths_B)
@@ -144,6 +159,28 @@ def generate_arrays(
             video_grid_thw if vision.replace_videos else None,
             segment_ids=seg_BT,
         )
+    if num_draft_tokens:
+        out = GenerateOutput(
+            *speculative_loop(
+                params,
+                ids_BT,
+                lengths_B,
+                rng,
+                positions,
+                vision,
+                config=config,
+                slots=slots,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                stop_token_ids=stop_token_ids,
+                num_draft_tokens=num_draft_tokens,
+                pad=pad_id(config),
+                runtime=runtime,
+            )
+        )
+        return _replicated(out)
     logits_BV, state = prefill(
         config,
         params,
@@ -191,7 +228,10 @@ def generate_arrays(
     _, _, (tokens_BN, logprobs_BN, _, count_B) = lax.while_loop(
         cond, body, (jnp.asarray(1, jnp.int32), state, carry)
     )
-    out = GenerateOutput(tokens_BN, count_B, logprobs_BN)
+    return _replicated(GenerateOutput(tokens_BN, count_B, logprobs_BN))
+
+
+def _replicated(out: GenerateOutput) -> GenerateOutput:
     if jax.sharding.get_abstract_mesh().empty:
         return out
     # replicated: every process of a multi-process run can read every row
@@ -215,6 +255,7 @@ def generate(
     video_grid_thw: jax.Array | None = None,
     stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     runtime: Runtime | None = None,
+    num_draft_tokens: int = 0,
 ) -> GenerateOutput:
     """Continues every prompt (a list of token ids; ragged lengths) by up to max_new_tokens.
 
@@ -224,8 +265,21 @@ def generate(
     stream(i, tokens_B, done_B): called (on the host) with the i-th token of every row as it
     is chosen (done_B: the rows that had stopped before it; their token is the pad id).
     runtime: dtypes, kernel sizes, MoE dispatch (`qwen35_jax.Runtime`; None: defaults).
+    num_draft_tokens: k >= 1 decodes speculatively, the MTP head drafting k tokens per step
+    (`speculative.py`; greedy output identical, sampling exactly distributed as plain
+    decoding); out.num_accepted / num_drafted per row, out.acceptance_rate. 0: plain decoding.
     """
     rows = _check(config, prompts, max_new_tokens, temperature, top_k, top_p)
+    k = int(num_draft_tokens)
+    if k < 0:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 0 (0 = no drafts)")
+    if k and not config.text_config.mtp_num_hidden_layers:
+        raise ValueError(
+            f"num_draft_tokens={k} needs the model's MTP head; this config has "
+            "mtp_num_hidden_layers=0"
+        )
+    if k and stream is not None:
+        raise ValueError("stream is not supported with num_draft_tokens >= 1")
     lengths_B = np.asarray([len(r) for r in rows], np.int32)
     t = prompt_bucket(int(lengths_B.max()))
     ids_BT = np.full((len(rows), t), pad_id(config), np.int32)
@@ -250,7 +304,7 @@ def generate(
         pixel_values_videos,
         video_grid_thw,
         config=config,
-        slots=t + int(max_new_tokens),
+        slots=t + int(max_new_tokens) + k,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
         top_k=int(top_k),
@@ -258,4 +312,5 @@ def generate(
         stop_token_ids=tuple(int(s) for s in stop_token_ids),
         stream=stream,
         runtime=resolve(runtime),
+        num_draft_tokens=k,
     )

@@ -2,6 +2,8 @@
 
     python -m qwen35_jax.generate --checkpoint DIR --prompt "..." [--image PATH ...] [--chat]
         [--max_new_tokens 128] [--temperature 0] [--top_k 0] [--top_p 1.0] [--seed 0]
+        [--num_draft_tokens K]   (K >= 1: MTP speculative decoding; the text is printed at the
+                                  end with the acceptance rate, not streamed)
 
 DIR is one of
   * a Hugging Face checkpoint directory (config.json + *.safetensors; `load_hf`),
@@ -228,6 +230,10 @@ def run(args: argparse.Namespace) -> dict:
         print(shown[len(printed[0]) :], end="", flush=True)
         printed[0] = shown
 
+    k = args.num_draft_tokens
+    if k:  # speculative: rows advance by several tokens per step; printed when done
+        stream = None
+        start = time.perf_counter()
     try:
         out = q.generate(
             config,
@@ -241,12 +247,25 @@ def run(args: argparse.Namespace) -> dict:
             stop_token_ids=stops,
             stream=stream,
             runtime=runtime,
+            num_draft_tokens=k,
             **vision,
         )
         jax.block_until_ready(out)
     except ValueError as e:
         raise CliError(f"--prompt: {e}") from None
     n = int(out.lengths[0])
+    if k:
+        seen[:] = np.asarray(out.tokens[0, :n]).tolist()
+        printed[0] = tokenizer.decode([t for t in seen if t not in stops])
+        print(printed[0], end="", flush=True)
+        rate = n / (time.perf_counter() - start)
+        print(
+            f"\n[{n} tokens, {rate:.1f} tokens/s including prefill and compile; "
+            f"{k} draft tokens, acceptance {out.acceptance_rate:.2f}]",
+            file=sys.stderr,
+            flush=True,
+        )
+        return {"tokens": seen, "text": printed[0], "acceptance_rate": out.acceptance_rate}
     rate = (n - 1) / (times[n - 1] - times[0]) if n > 1 and times[n - 1] > times[0] else 0.0
     print(f"\n[{n} tokens, decode {rate:.1f} tokens/s]", file=sys.stderr, flush=True)
     return {"tokens": np.asarray(out.tokens[0, :n]).tolist(), "text": printed[0]}
@@ -263,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--num_draft_tokens",
+        type=int,
+        default=0,
+        help="k >= 1: MTP speculative decoding with k drafts per step (0: plain)",
+    )
     args = parser.parse_args(argv)
     try:
         run(args)
