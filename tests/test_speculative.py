@@ -128,6 +128,7 @@ def test_sampling_with_drafts_has_the_plain_distribution_and_a_biased_rule_fails
     assert min(_two_sample_p(plain_t[:, i], wrong_t[:, i]) for i in (1, 2)) < 1e-6
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one():
     config, params = _model("tiny-moe")
     prompts = _prompts(config, [3, 9, 14, 5, 11, 2, 8, 16])
