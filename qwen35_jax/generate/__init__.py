@@ -19,8 +19,8 @@ Steps, all inside one `jax.jit` (compiled once per prompt bucket, batch and sett
 Under a mesh (`sharding.use_mesh`) with sharded parameters the same code runs sharded: rows over
 the batch axes, caches like the activations (`decode_state.constrain_decode_state`); the outputs
 come back replicated, so every process of a multi-process run reads every row.
-num_draft_tokens=k >= 1: MTP speculative decoding (`speculative.py`), same outputs plus
-out.num_accepted / out.num_drafted per row.
+num_draft_tokens=k >= 1: MTP speculative decoding (`speculative.py`): a SpeculativeOutput,
+the same three fields, then num_accepted / num_drafted per row (GenerateOutput stays 3 fields).
 CLI: `python -m qwen35_jax.generate --checkpoint DIR --prompt "..."` (`__main__.py`).
 """
 
@@ -52,14 +52,20 @@ class GenerateOutput(NamedTuple):
     tokens: jax.Array  # int32 [B, N]
     lengths: jax.Array  # int32 [B]
     logprobs: jax.Array  # float32 [B, N]
-    num_accepted: jax.Array | None = None  # int32 [B] drafts accepted (num_draft_tokens >= 1)
-    num_drafted: jax.Array | None = None  # int32 [B] drafts proposed while the row ran
+
+
+class SpeculativeOutput(NamedTuple):
+    """`generate(..., num_draft_tokens >= 1)`: GenerateOutput's fields, then the drafts'."""
+
+    tokens: jax.Array  # int32 [B, N]
+    lengths: jax.Array  # int32 [B]
+    logprobs: jax.Array  # float32 [B, N]
+    num_accepted: jax.Array  # int32 [B] drafts accepted
+    num_drafted: jax.Array  # int32 [B] drafts proposed while the row ran
 
     @property
-    def acceptance_rate(self) -> float | None:
-        """Accepted / proposed drafts over all rows (None without speculative decoding)."""
-        if self.num_accepted is None:
-            return None
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed drafts over all rows."""
         drafted = int(np.sum(np.asarray(self.num_drafted)))
         return float(np.sum(np.asarray(self.num_accepted))) / max(drafted, 1)
 
@@ -141,7 +147,7 @@ def generate_arrays(
     stream: Callable | None,
     runtime: Runtime | None = None,
     num_draft_tokens: int = 0,
-) -> GenerateOutput:
+) -> GenerateOutput | SpeculativeOutput:
     """The jitted core of `generate`: prompts already padded to a bucket, settings static."""
     ids_BT, lengths_B = _constrain_rows(ids_BT), _constrain_rows(lengths_B)
     b, t = ids_BT.shape
@@ -160,7 +166,7 @@ def generate_arrays(
             segment_ids=seg_BT,
         )
     if num_draft_tokens:
-        out = GenerateOutput(
+        out = SpeculativeOutput(
             *speculative_loop(
                 params,
                 ids_BT,
@@ -231,7 +237,7 @@ def generate_arrays(
     return _replicated(GenerateOutput(tokens_BN, count_B, logprobs_BN))
 
 
-def _replicated(out: GenerateOutput) -> GenerateOutput:
+def _replicated(out):
     if jax.sharding.get_abstract_mesh().empty:
         return out
     # replicated: every process of a multi-process run can read every row
@@ -256,7 +262,7 @@ def generate(
     stream: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     runtime: Runtime | None = None,
     num_draft_tokens: int = 0,
-) -> GenerateOutput:
+) -> GenerateOutput | SpeculativeOutput:
     """Continues every prompt (a list of token ids; ragged lengths) by up to max_new_tokens.
 
     See the module docstring for the outputs and the sampling settings (transformers'
@@ -267,7 +273,8 @@ def generate(
     runtime: dtypes, kernel sizes, MoE dispatch (`qwen35_jax.Runtime`; None: defaults).
     num_draft_tokens: k >= 1 decodes speculatively, the MTP head drafting k tokens per step
     (`speculative.py`; greedy output identical, sampling exactly distributed as plain
-    decoding); out.num_accepted / num_drafted per row, out.acceptance_rate. 0: plain decoding.
+    decoding): a SpeculativeOutput, GenerateOutput's three fields then num_accepted and
+    num_drafted per row, and .acceptance_rate. 0: plain decoding (GenerateOutput).
     """
     rows = _check(config, prompts, max_new_tokens, temperature, top_k, top_p)
     k = int(num_draft_tokens)
