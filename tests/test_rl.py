@@ -258,6 +258,27 @@ def test_cli_refuses_bad_keys_before_compute(tmp_path):
         assert "Traceback" not in p.stderr
 
 
+def test_cli_help_describes_train_rl_and_lists_the_rl_keys():
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.run(
+        [sys.executable, "-m", "train.rl", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("RL fine-tuning entry point"), lines[:3]
+    assert "Pretraining" not in p.stdout
+    assert "Config keys (defaults of configs/rl_addition.py):" in lines
+    for line in ("  [rl]", "    --config.rl.algo='grpo'", "    --config.rl.group_size=8"):
+        assert line in lines, p.stdout[:3000]
+    assert "    --config.rl.eps_high=None" in lines  # a preset key; the presets are listed
+    assert any(x.strip().startswith("dapo: eps_low=0.2, eps_high=0.28") for x in lines)
+
+
 @pytest.mark.parametrize(
     ("key", "value", "want"),
     [

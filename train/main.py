@@ -24,14 +24,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
-_CONFIG = config_flags.DEFINE_config_file(
+# the flags, also read by `python -m train.rl` (train/rl/__main__.py)
+CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Training config file (see configs/).", lock_config=True
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
-_CHECK = flags.DEFINE_bool(
+WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
+CHECK_CONFIG = flags.DEFINE_bool(
     "check_config", False, "Validate the config and overrides, print one line and exit (no JAX)."
 )
-_VERBOSE = flags.DEFINE_bool(
+VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Expected failures also print their traceback (and library logs)."
 )
 
@@ -87,13 +88,13 @@ def check_variant(argv: list[str]) -> str | None:
     return None
 
 
-def config_help(argv: list[str]) -> str:
-    """Usage, then every config key with its default (the chosen --config file's values),
-    grouped by section."""
+def config_help(argv: list[str], usage: str | None = None) -> str:
+    """`usage` (default: this module's docstring), then every config key with its default (the
+    chosen --config file's values), grouped by section."""
     file, variant = _config_file_and_variant(argv)
     get_config = runpy.run_path(file)["get_config"]
     config = get_config(variant) if variant else get_config()
-    lines = [__doc__.strip(), "", f"Config keys (defaults of {os.path.relpath(file)}"]
+    lines = [(usage or __doc__).strip(), "", f"Config keys (defaults of {os.path.relpath(file)}"]
     lines[-1] += f":{variant}):" if variant else "):"
 
     def walk(node: Any, prefix: str) -> None:
@@ -112,10 +113,11 @@ def config_help(argv: list[str]) -> str:
     return "\n".join(lines)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing that reports bad config overrides as one clean line."""
+def parse_flags(argv: list[str], usage: str | None = None) -> list[str]:
+    """absl flag parsing that reports bad config overrides as one clean line; --help prints
+    `config_help(argv, usage)` and exits 0."""
     if any(a in ("--help", "-h", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(config_help([a for a in argv if a not in ("--help", "-h")]))
+        print(config_help([a for a in argv if a not in ("--help", "-h")], usage))
         sys.exit(0)
     bad_variant = check_variant(argv)
     if bad_variant:
@@ -168,7 +170,7 @@ def _exit_now(line: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present and not _VERBOSE.value:
+    if not flags.FLAGS["verbosity"].present and not VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         # a failed restore leaves orbax's sibling reads as "Task exception was never
         # retrieved" tracebacks; the checkpointer reports the failure itself, in one line
@@ -177,26 +179,26 @@ def main(argv: list[str]) -> None:
         logging.get_absl_logger().addFilter(_drop_disk_full_tracebacks)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
+    if not WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    if "://" in _WORKDIR.value:
+    if "://" in WORKDIR.value:
         sys.exit(
-            f"error: --workdir={_WORKDIR.value!r}: object-store URLs are not supported (config, "
+            f"error: --workdir={WORKDIR.value!r}: object-store URLs are not supported (config, "
             "metrics, data statistics and the tokenizer are written with local file APIs; this "
-            f"would create a local directory {_WORKDIR.value.split('://')[0] + ':'!r} on every "
+            f"would create a local directory {WORKDIR.value.split('://')[0] + ':'!r} on every "
             "host). Use a path every host shares: a gcsfuse mount of the bucket (e.g. "
             "/gcs/BUCKET/run), Filestore or NFS."
         )
     # Everything is validated before JAX does any work.
     from train import config_schema  # noqa: PLC0415
 
-    config = _CONFIG.value
+    config = CONFIG.value
     try:
         config_schema.validate(config)
-        if _CHECK.value:
+        if CHECK_CONFIG.value:
             print(
                 f"config ok: {config.model.text_config.num_hidden_layers} layers, "
-                f"train.steps={config.train.steps}, workdir {_WORKDIR.value}"
+                f"train.steps={config.train.steps}, workdir {WORKDIR.value}"
             )
             return
         import jax  # noqa: PLC0415
@@ -214,9 +216,9 @@ def main(argv: list[str]) -> None:
 
     try:
         with workdir_lock.hold(
-            _WORKDIR.value, process_index=jax.process_index(), processes=jax.process_count()
+            WORKDIR.value, process_index=jax.process_index(), processes=jax.process_count()
         ):
-            loop.run(config, _WORKDIR.value)
+            loop.run(config, WORKDIR.value)
     except (
         loop.NonFiniteLossError,
         loop.DivergedError,
@@ -224,12 +226,12 @@ def main(argv: list[str]) -> None:
         NoUsableCheckpointError,
         workdir_lock.WorkdirLockedError,
     ) as e:
-        if _VERBOSE.value:
+        if VERBOSE.value:
             raise
         _exit_now(f"error: {e}")
     except Exception as e:
         full = disk_full(e)
-        if full is None or _VERBOSE.value:
+        if full is None or VERBOSE.value:
             raise
         where = getattr(full, "filename", None) or "to the workdir"
         _exit_now(

@@ -37,7 +37,8 @@ import numpy as np
 from train.tensorboard import TensorBoardWriter
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """`seconds` as "1h02m" or "3m05s" ("?" when not finite): the console's ETA."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
@@ -173,7 +174,7 @@ class MetricsLogger:
             parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
             parts.append(f"mfu {100 * row['mfu']:.1f}%" if "mfu" in row else "mfu -")
             eta = (self.total_steps - row["step"]) * (self._rate or float("nan"))
-            parts.append(f"eta {_duration(eta)}")
+            parts.append(f"eta {format_duration(eta)}")
         return " | ".join(parts)
 
     def close(self) -> None:

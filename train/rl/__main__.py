@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 
 from absl import app, flags, logging
 
@@ -34,23 +35,39 @@ sys.argv = _argv_with_default(sys.argv)
 from train import main as train_main  # noqa: E402
 
 
+def usage() -> str:
+    """This module's docstring and the algorithm presets (what the None rl keys become)."""
+    from train.rl.losses import PRESETS  # noqa: PLC0415
+
+    lines = [__doc__.strip(), "", "rl keys left None take the preset of rl.algo:"]
+    for algo, preset in PRESETS.items():
+        text = f"{algo}: " + ", ".join(f"{k}={v!r}" for k, v in preset.items())
+        lines += textwrap.wrap(text, 100, initial_indent="    ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """train.main's flag parsing; --help describes train.rl."""
+    return train_main.parse_flags(argv, usage=usage())
+
+
 def main(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present and not train_main._VERBOSE.value:
+    if not flags.FLAGS["verbosity"].present and not train_main.VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    workdir = train_main._WORKDIR.value
+    workdir = train_main.WORKDIR.value
     if not workdir:
         raise app.UsageError("--workdir is required")
     from train import config_schema  # noqa: PLC0415
     from train.rl import config as rl_config  # noqa: PLC0415
 
-    config = train_main._CONFIG.value
+    config = train_main.CONFIG.value
     try:
         if "rl" not in config:
             raise config_schema.ConfigValueError("rl: the config has no `rl` section")
         rl_config.validate(config)
-        if train_main._CHECK.value:
+        if train_main.CHECK_CONFIG.value:
             print(f"config ok: rl.algo={config.rl.algo}, train.steps={config.train.steps}")
             return
         import jax  # noqa: PLC0415
@@ -71,10 +88,10 @@ def main(argv: list[str]) -> None:
         ):
             loop.run(config, workdir)
     except (config_schema.ConfigValueError, workdir_lock.WorkdirLockedError) as e:
-        if train_main._VERBOSE.value:
+        if train_main.VERBOSE.value:
             raise
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=train_main.parse_flags)
+    app.run(main, flags_parser=parse_flags)

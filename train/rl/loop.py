@@ -39,7 +39,7 @@ from qwen35_jax import sharding
 from train import config_schema, init
 from train.checkpointing import Checkpointer, PreemptionGuard
 from train.data.tokenizers import Tokenizer, load_tokenizer
-from train.metrics import MetricsLogger, _duration
+from train.metrics import MetricsLogger, format_duration
 from train.optimizer import make_optimizer
 from train.prepare import write_atomic
 from train.rl import envs, rewards, rollout, tasks
@@ -96,7 +96,7 @@ class RLMetricsLogger(MetricsLogger):
             parts.append(f"reward errors {row['reward_errors']}")
         parts.append(f"rollout {100 * row['rollout_share']:.0f}%")
         if self._rate:
-            parts.append(f"eta {_duration((self.total_steps - row['step']) * self._rate)}")
+            parts.append(f"eta {format_duration((self.total_steps - row['step']) * self._rate)}")
         return " | ".join(parts)
 
 
