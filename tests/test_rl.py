@@ -1,18 +1,23 @@
 """RL fine-tuning (train/rl): a bandit learns, dynamic sampling refills and logs, overlong shaping
 in tokens, a failing user reward scores 0 and is counted, 6 steps == 3 + resume + 3, 8 devices
-(fsdp=4, expert=2) == one device, the CLI refuses bad keys."""
+(fsdp=4, expert=2) == one device, the CLI refuses bad keys, describes itself in --help, and saves
+on SIGTERM and resumes from there."""
 
+import json
 import math
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.test_train_cli import steps_on_disk
 from train.rl import rewards, rollout, tasks
 from train.rl.advantages import group_advantages
 from train.rl.config import resolved, rl_section
@@ -277,6 +282,68 @@ def test_cli_help_describes_train_rl_and_lists_the_rl_keys():
         assert line in lines, p.stdout[:3000]
     assert "    --config.rl.eps_high=None" in lines  # a preset key; the presets are listed
     assert any(x.strip().startswith("dapo: eps_low=0.2, eps_high=0.28") for x in lines)
+
+
+@pytest.mark.slow  # two CLI runs, each compiling generate and the update (~40 s each, loaded)
+def test_cli_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path):
+    workdir = tmp_path / "run"
+    env = dict(
+        os.environ,
+        PYTHONPATH=ROOT,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the resume compiles again
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+    )
+    tiny = [  # a random 2-layer model, 8 rollouts of 4 tokens a step: steps of milliseconds
+        f"--workdir={workdir}",
+        "--config.init.from_checkpoint=",
+        "--config.model.text_config.hidden_size=32",
+        "--config.model.text_config.intermediate_size=64",
+        "--config.rl.prompts_per_step=2",
+        "--config.rl.group_size=4",
+        "--config.rl.max_new_tokens=4",
+        "--config.rl.eval_every=0",
+        "--config.checkpoint.every_steps=100000",
+    ]
+    cmd = [sys.executable, "-m", "train.rl", *tiny]
+    proc = subprocess.Popen(
+        [*cmd, "--config.train.steps=100000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+    (saved,) = steps_on_disk(workdir)
+    assert f"preempted: checkpoint saved at step {saved}; rerun" in out, out[-2000:]
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged == list(range(1, saved + 1))  # every step taken was logged and is saved
+
+    r = subprocess.run(
+        [*cmd, f"--config.train.steps={saved + 1}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from checkpoint step {saved}" in r.stdout
+    assert steps_on_disk(workdir) == [saved, saved + 1]
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == saved + 1
 
 
 @pytest.mark.parametrize(

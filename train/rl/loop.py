@@ -301,10 +301,11 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             if step % config.checkpoint.every_steps == 0:
                 ckpt.save(step, state, progress)
             if guard.requested:
-                _say("preempted: saving and exiting; rerun the same command to resume")
                 break
     ckpt.save(step, state, progress)
     ckpt.close()
+    if guard.requested:
+        _say(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
     logger.close()
     return {"start_step": start, "step": step, "rows": history}
 
