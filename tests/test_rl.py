@@ -3,21 +3,20 @@ in tokens, a failing user reward scores 0 and is counted, 6 steps == 3 + resume 
 (fsdp=4, expert=2) == one device, the CLI refuses bad keys, describes itself in --help, and saves
 on SIGTERM and resumes from there."""
 
-import json
 import math
 import os
 import runpy
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train_cli import steps_on_disk
+from tests import runs
+from tests.runs import env_fixture  # noqa: F401 (the `env` fixture)
 from train.rl import rewards, rollout, tasks
 from train.rl.advantages import group_advantages
 from train.rl.config import resolved, rl_section
@@ -285,19 +284,10 @@ def test_cli_help_describes_train_rl_and_lists_the_rl_keys():
 
 
 @pytest.mark.slow  # two CLI runs, each compiling generate and the update (~40 s each, loaded)
-def test_cli_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path):
+def test_cli_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path, env):
     workdir = tmp_path / "run"
-    env = dict(
-        os.environ,
-        PYTHONPATH=ROOT,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="",
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),  # the resume compiles again
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
+    rl_addition = os.path.join(ROOT, "configs", "rl_addition.py")
     tiny = [  # a random 2-layer model, 8 rollouts of 4 tokens a step: steps of milliseconds
-        f"--workdir={workdir}",
         "--config.init.from_checkpoint=",
         "--config.model.text_config.hidden_size=32",
         "--config.model.text_config.intermediate_size=64",
@@ -307,43 +297,32 @@ def test_cli_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path):
         "--config.rl.eval_every=0",
         "--config.checkpoint.every_steps=100000",
     ]
-    cmd = [sys.executable, "-m", "train.rl", *tiny]
-    proc = subprocess.Popen(
-        [*cmd, "--config.train.steps=100000"],
-        cwd=ROOT,
+    proc = runs.start(
+        workdir,
+        *tiny,
+        "--config.train.steps=100000",
         env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        config=rl_addition,
+        module="train.rl",
     )
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    runs.wait_for(proc, lambda: len(runs.logged_steps(workdir)) >= 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err
-    (saved,) = steps_on_disk(workdir)
+    (saved,) = runs.steps_on_disk(workdir)
     assert f"preempted: checkpoint saved at step {saved}; rerun" in out, out[-2000:]
-    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert logged == list(range(1, saved + 1))  # every step taken was logged and is saved
+    # every step taken was logged and is in the checkpoint
+    assert runs.logged_steps(workdir) == list(range(1, saved + 1))
 
-    r = subprocess.run(
-        [*cmd, f"--config.train.steps={saved + 1}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    cmd = runs.command(
+        workdir, *tiny, f"--config.train.steps={saved + 1}", config=rl_addition, module="train.rl"
     )
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from checkpoint step {saved}" in r.stdout
-    assert steps_on_disk(workdir) == [saved, saved + 1]
-    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == saved + 1
+    assert runs.steps_on_disk(workdir) == [saved, saved + 1]
+    assert runs.logged_steps(workdir)[-1] == saved + 1
 
 
 @pytest.mark.parametrize(
