@@ -149,7 +149,7 @@ def build_config(config_path: str, flags_: list[str]) -> Any:
 def validate_runs(config_path: str, runs: list[Run], extra: list[str]) -> dict[str, Any]:
     """Every run's config, validated; the first bad one raises SweepError naming run and key."""
     from train import config_schema  # noqa: PLC0415
-    from train.main import _unknown_override  # noqa: PLC0415
+    from train.main import unknown_override  # noqa: PLC0415
 
     file = config_path.partition(":")[0]
     if not os.path.isfile(file):
@@ -165,7 +165,7 @@ def validate_runs(config_path: str, runs: list[Run], extra: list[str]) -> dict[s
             raise SweepError(f"run {run.name}: invalid config: {e}") from None
         except Exception as e:  # noqa: BLE001 - absl / ml_collections parse errors, named
             argv = ["sweep", f"--config={config_path}", *flags_]
-            reason = _unknown_override(argv) or f"bad config override: {e}"
+            reason = unknown_override(argv) or f"bad config override: {e}"
             raise SweepError(f"run {run.name}: {reason}") from None
         configs[run.name] = config
     return configs

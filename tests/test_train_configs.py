@@ -109,7 +109,7 @@ def test_moved_runtime_override_names_the_new_key():
     from train import main
 
     argv = ["main", "--config.model.gdn_chunk_size=16"]
-    assert main._unknown_override(argv) == "model.gdn_chunk_size moved to runtime.gdn_chunk_size"
+    assert main.unknown_override(argv) == "model.gdn_chunk_size moved to runtime.gdn_chunk_size"
 
 
 def test_model_overrides_reach_the_model_config():

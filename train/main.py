@@ -37,7 +37,7 @@ VERBOSE = flags.DEFINE_bool(
 )
 
 
-def _unknown_override(argv: list[str]) -> str | None:
+def unknown_override(argv: list[str]) -> str | None:
     """The first `--config.<path>` override whose path is not a key, with a suggestion."""
     default = None
     for arg in argv[1:]:
@@ -127,7 +127,7 @@ def parse_flags(argv: list[str], usage: str | None = None) -> list[str]:
     except flags.Error as e:
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        reason = _unknown_override(argv) or f"bad config override: {e}"
+        reason = unknown_override(argv) or f"bad config override: {e}"
         sys.exit(f"error: {reason}")
 
 
