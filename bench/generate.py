@@ -3,6 +3,7 @@
     python -m bench.generate            # prints the table
     python -m bench.generate --write    # and replaces the "## Generation (issue 15)" section of
                                         # bench/RESULTS.md (other sections untouched)
+    python -m bench.generate --context_only   # only the per-token time at 4,096 vs 256 (minutes)
 
 The same tiny hybrid model (width 256, 8 layers: 2 blocks of 3 Gated DeltaNet + 1 attention;
 dense and MoE), the same weights in both frameworks (a perturbed random HF model written with
@@ -16,7 +17,7 @@ save_pretrained, read by our load_hf), float32 on CPU, batch 8, prompts of 128 r
             fixed [B, 128 + n] buffer (argmax at each row's last position); per-token time from
             a few steps (it is constant per step)
 Context: our per-token decode time at prompt 4,096 against 256 (the GDN layers cost the same
-per token; only the attention layers read a longer cache).
+per token; only the attention layers read a longer cache), over `--context_tokens` (128) steps.
 Memory: the prefill's output buffers (XLA's memory analysis of the compiled prefill) against
 `decode_state_bytes` + the [B, V] logits.
 """
@@ -156,23 +157,44 @@ def state_memory(config, params, batch: int, prompt: int, n: int) -> tuple[int, 
     return measured, analytic
 
 
+def context_scaling(config, params, rng, batch: int, long_context: int, n: int) -> tuple:
+    """Seconds per decode step after prompts of 256 and of `long_context` tokens (n steps each,
+    enough that the prefill's run-to-run noise, which cancels only on average, stays small)."""
+    vocab = config.text_config.vocab_size
+    short = rng.randint(0, vocab, (batch, min(256, long_context))).tolist()
+    long = rng.randint(0, vocab, (batch, long_context)).tolist()
+    return ours_step_seconds(config, params, short, n), ours_step_seconds(config, params, long, n)
+
+
 def measure(
-    batch: int = 8, prompt: int = 128, n: int = 256, long_context: int = 4096, smoke=False
+    batch: int = 8,
+    prompt: int = 128,
+    n: int = 256,
+    long_context: int = 4096,
+    smoke=False,
+    context_only=False,
+    context_tokens: int = 128,
 ) -> list[dict]:
     rows = []
     rng = np.random.RandomState(0)
     for moe in (False,) if smoke else (False, True):
         model, config, params = build(moe, smoke)
+        if context_only:
+            t_short, t_long = context_scaling(
+                config, params, rng, batch, long_context, context_tokens
+            )
+            rows.append(
+                dict(model="MoE" if moe else "dense", ms_256=1e3 * t_short, ms_4096=1e3 * t_long)
+            )
+            rows[-1]["ctx_ratio"] = t_long / t_short
+            continue
         vocab = config.text_config.vocab_size
         prompts = rng.randint(0, vocab, (batch, prompt)).tolist()
         ours = ours_step_seconds(config, params, prompts, n)
         hf = hf_step_seconds(model, prompts, n)
         nocache = no_cache_step_seconds(config, params, prompts, n)
-        short = rng.randint(0, vocab, (batch, min(256, long_context))).tolist()
-        long = rng.randint(0, vocab, (batch, long_context)).tolist()
-        ctx_n = 2 if smoke else 32
-        t_short = ours_step_seconds(config, params, short, ctx_n)
-        t_long = ours_step_seconds(config, params, long, ctx_n)
+        ctx_n = 2 if smoke else context_tokens
+        t_short, t_long = context_scaling(config, params, rng, batch, long_context, ctx_n)
         measured, analytic = state_memory(config, params, batch, prompt, n)
         rows.append(
             dict(
@@ -306,6 +328,10 @@ def main() -> None:
     ap.add_argument("--long_context", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="tiny model, dense only (tests)")
     ap.add_argument(
+        "--context_only", action="store_true", help="only the per-token time at 256 vs long"
+    )
+    ap.add_argument("--context_tokens", type=int, default=128, help="decode steps timed there")
+    ap.add_argument(
         "--speculative",
         metavar="WORKDIR",
         help="instead: MTP speculative decoding (k=0..3, batch 1 and 8) of the model trained "
@@ -320,7 +346,22 @@ def main() -> None:
         if args.write:
             write_section(text, SPEC_SECTION)
         return
-    rows = measure(args.batch, args.prompt, args.new_tokens, args.long_context, args.smoke)
+    rows = measure(
+        args.batch,
+        args.prompt,
+        args.new_tokens,
+        args.long_context,
+        args.smoke,
+        args.context_only,
+        args.context_tokens,
+    )
+    if args.context_only:
+        for r in rows:
+            print(
+                f"{r['model']}: {r['ms_256']:.2f} ms/token @256, {r['ms_4096']:.2f} ms/token "
+                f"@{args.long_context}: {r['ctx_ratio']:.2f}x ({args.context_tokens} steps each)"
+            )
+        return
     text = report(rows, args.batch, args.prompt, args.new_tokens)
     print(text)
     if args.write:
