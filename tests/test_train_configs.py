@@ -11,6 +11,7 @@ import pytest
 
 import qwen35_jax
 from train import config_schema
+from train.rl import config as rl_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(  # the experiment configs (common.py is the recipe they share, not one)
@@ -33,16 +34,15 @@ def test_there_is_a_config_per_released_preset():
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
 def test_config_file_validates_and_shows_its_command(path):
     module = runpy.run_path(path)
-    assert (
-        f"python -m train.main --config=configs/{os.path.basename(path)}" in module["__doc__"]
-        or os.path.basename(path) == "default.py"
-    )
+    name = os.path.basename(path)
+    entry = "train.rl" if name.startswith("rl_") else "train.main"  # the RL configs' own CLI
+    assert f"python -m {entry} --config=configs/{name}" in module["__doc__"] or name == "default.py"
     assert "python -m train.main" in module["__doc__"]
     config = module["get_config"]()
     if config.data.kind != "stdlib":
         config.data.path = "/data/train-*.array_record"
         config.data.tokenizer_path = "/ckpt/tokenizer.json"
-    model = config_schema.validate(config)
+    model = (rl_config.validate if entry == "train.rl" else config_schema.validate)(config)
     # text pretraining drops the vision tower; multimodal data kinds keep it
     assert (model.vision_config is None) == (config.data.kind not in config_schema.MULTIMODAL_KINDS)
     json.loads(config_schema.resolved_json(config, model))

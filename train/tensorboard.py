@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 from tensorboardX import SummaryWriter
 
@@ -27,7 +28,10 @@ class TensorBoardWriter:
     def __init__(self, logdir: str, purge_step: int | None = None):
         os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
-        suffix = f".{os.getpid()}.{next(_WRITERS)}"
+        # tensorboard reads a directory's files in name order, and the name starts with the
+        # second: nanoseconds, pid and a zero-padded count keep a resumed run's file after the
+        # one it supersedes (an unpadded count put writer 10 before writer 9)
+        suffix = f".{time.time_ns()}.{os.getpid()}.{next(_WRITERS):06d}"
         self._w = SummaryWriter(
             logdir=logdir, purge_step=purge_step, flush_secs=10**6, filename_suffix=suffix
         )
