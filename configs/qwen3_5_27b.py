@@ -6,9 +6,8 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-512 (256 chips): fsdp 64 x tensor 4.
-Memory per chip on v5p-512: planner 52.0 GiB of 95.7 (`launch.compile --topology=v5p-512` gives
-the TPU compiler's figure; not run for this recipe yet, see bench/RESULTS.md: the planner
-read 1.06-1.29 x below the compiler on the 0.8b, so recipes keep it under ~60% of HBM).
+Memory per chip on v5p-512: the TPU compiler's 42.1 GiB of 95.7 (44%, fits; `launch.compile
+--topology=v5p-512`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 52.0 GiB.
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
