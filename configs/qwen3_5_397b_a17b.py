@@ -6,9 +6,8 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-2048 (1024 chips): fsdp 16 x tensor 2 x expert 32.
-Memory per chip on v5p-2048: planner 38.9 GiB of 95.7 (`launch.compile --topology=v5p-2048` gives
-the TPU compiler's figure; not run for this recipe yet, see bench/RESULTS.md: the planner
-read 1.06-1.29 x below the compiler on the 0.8b, so recipes keep it under ~60% of HBM).
+Memory per chip on v5p-2048: the TPU compiler's 68.9 GiB of 95.7 (72%, fits; `launch.compile
+--topology=v5p-2048`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 38.9 GiB.
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
