@@ -6,9 +6,8 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-256 (128 chips): fsdp 16 x expert 8.
-Memory per chip on v5p-256: planner 42.8 GiB of 95.7 (`launch.compile --topology=v5p-256` gives
-the TPU compiler's figure; not run for this recipe yet, see bench/RESULTS.md: the planner
-read 1.06-1.29 x below the compiler on the 0.8b, so recipes keep it under ~60% of HBM).
+Memory per chip on v5p-256: the TPU compiler's 58.3 GiB of 95.7 (61%, fits; `launch.compile
+--topology=v5p-256`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 42.8 GiB.
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
