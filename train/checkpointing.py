@@ -20,7 +20,7 @@ Safety:
     with one warning line and the run falls back to the previous step. Steps are only ever
     moved aside after an older one has restored intact, so the last good checkpoint stays.
   * `PreemptionGuard` turns SIGTERM and Ctrl-C (SIGINT) into a flag; the loop then saves and
-    exits cleanly.
+    exits cleanly; with several processes they agree to stop together (train/step_gate.py).
 """
 
 from __future__ import annotations
@@ -163,13 +163,6 @@ class Checkpointer:
             **{_INTEGRITY: ocp.args.JsonSave({"finite": finite, "checksums": sums})},
         )
         self._mngr.save(step, args=args, force=True)
-
-    def preemption_reached(self, step: int, local_request: bool) -> bool:
-        """Whether to save and stop now: the local SIGTERM flag on one host; with several
-        hosts, jax's preemption sync point, so that all hosts stop at the same step."""
-        if jax.process_count() == 1:
-            return local_request
-        return self._mngr.reached_preemption(step)
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()

@@ -11,7 +11,8 @@
         are read now (one step late, so the host never waits for the device); NaN/Inf policy;
         log every `log_every`; evaluate every `eval_every` and at the last step (its row
         carries eval_loss; its time is left out of tokens/s); save every
-        `checkpoint.every_steps`; SIGTERM -> save, exit
+        `checkpoint.every_steps`; before each step all processes agree to step or to stop
+        (step_gate.py: SIGTERM or Ctrl-C to any process, also while an input is starved)
       save; end-of-run completions and evaluation (every process)  end_of_run.py
 
 The data iterator is advanced exactly once per step before the step runs, so a checkpoint
@@ -38,7 +39,7 @@ from qwen35_jax import mesh as mesh_lib
 from qwen35_jax import sharding
 from train import config_schema, end_of_run, evaluation, flops, init
 from train.checkpointing import Checkpointer, PreemptionGuard
-from train.data.input import InputPipeline, InputStarvedError, input_pipeline
+from train.data.input import InputPipeline, input_pipeline
 from train.divergence import (
     DivergedError,
     DivergenceMonitor,
@@ -51,6 +52,7 @@ from train.optimizer import make_optimizer
 from train.prepare import describe, prepare_data, write_atomic
 from train.state import TrainState, abstract_state, init_state
 from train.step import make_train_step
+from train.step_gate import StepGate
 
 __all__ = ["DivergedError", "NonFiniteLossError", "run"]
 
@@ -63,8 +65,8 @@ def _say(*args: Any) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config` in `workdir` (resuming if it holds checkpoints); returns a summary.
 
-    SIGTERM is caught from the start (data preparation, compilation): the run then stops after
-    its first step, saving a checkpoint.
+    SIGTERM and Ctrl-C are caught from the start (data preparation, compilation): the run then
+    stops before its next step, saving a checkpoint.
     """
     try:
         with PreemptionGuard() as guard:
@@ -312,15 +314,12 @@ def _steps(
                 raise
 
     step, pending, preempted = start, None, False
-    # a stop is not held up by a starved input pipeline (one host; several stop together below)
-    stop = (lambda: guard.requested) if jax.process_count() == 1 else None
+    gate = StepGate(guard)  # every process steps, or stops, together; starved input included
     while step < stop_at:
-        try:
-            batch = pipe.next_global_batch(stop)
-        except InputStarvedError:
-            preempted = True
+        if not gate.wait_for_step(pipe):
+            preempted = True  # pipe.position() is before the batch not trained on
             break
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, pipe.take())
         step += 1
         if pending is not None:
             drain(*pending)
@@ -334,9 +333,8 @@ def _steps(
             pending = None
             if monitor.can_save():
                 ckpt.save(step, state, pipe.position())
-        if ckpt.preemption_reached(step, guard.requested):
-            preempted = True
-            break
+    if not preempted and gate.agree(True, guard.requested)[1]:
+        preempted = True  # a stop during the last step: no end-of-run work
     if pending is not None:
         drain(*pending)
     return state, step, rows, preempted

@@ -8,12 +8,14 @@ virtual shards behind them (iterator.py: `shard_plan`; `data.num_shards`, defaul
 depend on the process count), and `jax.make_array_from_process_local_data` assembles the global
 arrays. `pipe.iterator` is what checkpoints save and restore.
 
-A starved pipeline (a source that blocks, or one that skips record after record) must not hold
-a graceful stop hostage: `next_global_batch(stop=...)` reads the host batch on a helper thread
-and, while it waits, checks `stop()` every `poll_s` seconds; when it says stop, `InputStarvedError`
-is raised and `pipe.position()` is the iterator's state before that read (the batch never
-arrived; the abandoned read stays on its daemon thread until the process exits). Without
-`stop` the read happens inline, as before.
+The training loop reads ahead of the step on a helper thread: `wait_ready(timeout_s)` starts the
+read of the next host batch (if none is under way) and says whether it arrived; `take()` turns it
+into the global batch. A starved pipeline (a source that blocks, or one that skips record after
+record) thus never holds a graceful stop hostage (train/step_gate.py decides, across processes,
+between waiting, stepping and stopping): while a read is under way or its batch was not taken,
+`pipe.position()` is the iterator's state before that read, so a checkpoint never counts a batch
+that was not trained on (an abandoned read stays on its daemon thread until the process exits).
+`next_global_batch()` reads inline.
 
 Text kinds: pipeline.py (tokenize, concat-then-split) with keys tokens, segment_ids, positions
 [B, T]. Multimodal kinds: multimodal.py (first-fit packing with a patch budget) with tokens,
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,8 +51,38 @@ from train.prepare import PreparedData, multimodal_encoder
 from train.state import batch_shardings
 
 
-class InputStarvedError(RuntimeError):
-    """A stop was asked for while the input pipeline had no batch ready."""
+class _Read:
+    """One host batch read on a daemon thread; `before` is the iterator's state ahead of it."""
+
+    def __init__(self, iterator: DataIterator):
+        self.before = StateSnapshot(iterator.get_state())
+        self._box: queue.Queue = queue.Queue(maxsize=1)
+        self._result: tuple[bool, Any] | None = None
+        threading.Thread(
+            target=self._read, args=(iterator,), name="input-read", daemon=True
+        ).start()
+
+    def _read(self, iterator: DataIterator) -> None:
+        try:
+            self._box.put((True, next(iterator)))
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread by `result`
+            self._box.put((False, e))
+
+    def wait(self, timeout_s: float) -> bool:
+        if self._result is None:
+            try:
+                self._result = self._box.get(timeout=timeout_s)
+            except queue.Empty:
+                return False
+        return True
+
+    def result(self) -> dict[str, Any]:
+        if self._result is None:
+            self._result = self._box.get()
+        ok, value = self._result
+        if not ok:
+            raise value
+        return value
 
 
 @dataclasses.dataclass
@@ -61,51 +92,36 @@ class InputPipeline:
     iterator: DataIterator
     shapes: dict[str, tuple[int, ...]]
     shardings: dict[str, jax.sharding.NamedSharding]
-    _abandoned: StateSnapshot | None = None
+    _read: _Read | None = None  # under way, or arrived and not taken
 
     def position(self) -> DataIterator | StateSnapshot:
-        """What a checkpoint saves as the data position: the iterator, or after `InputStarvedError`
-        its state before the read that never finished."""
-        return self._abandoned or self.iterator
+        """What a checkpoint saves as the data position: the iterator, or while a read is under
+        way or its batch was not taken, the iterator's state before that read."""
+        return self.iterator if self._read is None else self._read.before
 
-    def next_global_batch(
-        self, stop: Callable[[], bool] | None = None, poll_s: float = 0.2
-    ) -> dict[str, jax.Array]:
-        """The next global batch; with `stop`, raises `InputStarvedError` when `stop()` turns true
-        while the host batch is still being read (module docstring)."""
-        host = next(self.iterator) if stop is None else self._read_or_stop(stop, poll_s)
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Starts reading the next host batch on a helper thread (unless a read is under way) and
+        waits at most `timeout_s` for it: whether it arrived (or its read failed: `take` raises)."""
+        if self._read is None:
+            self._read = _Read(self.iterator)
+        return self._read.wait(timeout_s)
+
+    def take(self) -> dict[str, jax.Array]:
+        """The global batch of the read `wait_ready` started (waiting for it if needed)."""
+        read = self._read or _Read(self.iterator)
+        host = read.result()
+        self._read = None
+        return self._global(host)
+
+    def next_global_batch(self) -> dict[str, jax.Array]:
+        """The next global batch, read inline."""
+        return self._global(next(self.iterator))
+
+    def _global(self, host: dict[str, Any]) -> dict[str, jax.Array]:
         return {
             k: jax.make_array_from_process_local_data(self.shardings[k], v, self.shapes[k])
             for k, v in host.items()
         }
-
-    def _read_or_stop(self, stop: Callable[[], bool], poll_s: float) -> dict[str, Any]:
-        if self._abandoned is not None:
-            raise InputStarvedError("the input pipeline was abandoned by an earlier stop")
-        before = self.iterator.get_state()
-        box: queue.Queue = queue.Queue(maxsize=1)
-
-        def read() -> None:
-            try:
-                box.put((True, next(self.iterator)))
-            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-                box.put((False, e))
-
-        threading.Thread(target=read, name="input-read", daemon=True).start()
-        while True:
-            try:
-                ok, value = box.get(timeout=poll_s)
-            except queue.Empty:
-                if stop():
-                    self._abandoned = StateSnapshot(before)
-                    raise InputStarvedError(
-                        "no batch from the input pipeline when the stop came; the checkpoint "
-                        "holds the data position before that batch"
-                    ) from None
-                continue
-            if ok:
-                return value
-            raise value
 
 
 def data_layout(config: ml_collections.ConfigDict) -> dict[str, Any]:
