@@ -11,8 +11,11 @@ One round of `wait_for_step`, on every process:
      a helper thread; `wait_ready`);
   2. agree: each process publishes (ready, stop) in the distributed runtime's key-value store
      (a key only when it is not ready or stops: nothing in the common case), all meet at one
-     barrier of the coordination service, and all read the round's keys. Host RPCs only (about
-     1 ms on 2 local processes): the devices keep running the previous step meanwhile;
+     barrier of the coordination service, and all read the round's keys. Host RPCs only, no
+     device work: the devices keep running the previous step meanwhile. Measured: 0.9 ms per
+     round (barrier + read) on 2 local processes at load 17 on 2 cores; in the tiny 2-process
+     train.main run (tests/test_reliability_multihost.py's config) at load 26, 61 rounds for 60
+     steps, median 3-4 ms per round (waiting for the other process included) of a 409 ms step;
   3. any stop -> every process stops (the loop saves; the data position is the one before the
      read that was not trained on, `InputPipeline.position`); all ready -> every process steps;
      otherwise another round.
