@@ -158,6 +158,30 @@ def test_plan_terms_are_consistent():
     )
 
 
+def test_plan_keeps_every_residual_of_the_mtp_layer():
+    """mtp.py's layers are plain DecoderLayers, never rematerialised: under any remat policy
+    the planner counts their full residuals (the TPU compiler keeps them: bench/RESULTS.md)."""
+    from qwen35_jax.layers import decoder
+
+    cfg = q.get_config("tiny-moe")
+    c = cfg.text_config
+    assert c.mtp_num_hidden_layers == 1
+    rt = q.Runtime(remat_policy="full", compute_dtype="bfloat16")
+
+    def saved(mtp):
+        p = planner.plan(cfg, {"fsdp": 4}, "v5p", 4, 256, 8, mtp=mtp, runtime=rt)
+        return next(b for name, b in p.terms if name.startswith("activations saved"))
+
+    full, _ = planner.layer_activation_bytes(
+        c, decoder.FULL, "none", 2, 256, 1, rt.gdn_chunk_size, rt.dtype, rt.weights_dtype, 4
+    )
+    kept, _ = planner.layer_activation_bytes(
+        c, decoder.FULL, "full", 2, 256, 1, rt.gdn_chunk_size, rt.dtype, rt.weights_dtype, 4
+    )
+    assert full > 2 * kept
+    assert saved(True) - saved(False) == pytest.approx(full)
+
+
 def test_plan_rejects_a_mesh_that_does_not_match_the_chips(capsys):
     args = "--model qwen3.5-35b-a3b --mesh fsdp=4,expert=4 --chip v5p --chips 32"
     rc = planner.main([*args.split(), "--seq_len", "4096", "--global_batch", "32"])
