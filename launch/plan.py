@@ -25,7 +25,9 @@ Nothing is allocated and nothing runs on a device. Terms, per device:
   logits           float32 logits and their gradient, [tokens, vocab / tensor] (and the MTP
                    head's when the model has one); with a chunked cross-entropy
                    (`train.loss_chunk`, --loss_chunk, the presets' 1024) only one chunk's:
-                   one row per device at a time, [chunk, vocab / tensor], one head at a time
+                   one row per device at a time, [chunk, vocab / tensor], one head at a time,
+                   plus the head weight gathered over the FSDP axes for the loss and its
+                   gradient, [D, vocab / tensor] each (train/losses.py gathers it once per call)
   MoE buffers      with expert parallelism, the static all-to-all buffers of one layer
                    (dropless: P * rows per device, the worst case; with --capacity_factor:
                    cf * rows), alive while that layer runs
@@ -314,6 +316,9 @@ def plan(
     if loss_chunk:
         rows = min(loss_chunk, t_local)  # one row per device at a time (train/losses.py)
         terms.append((f"logits + gradient, float32 (1 row x {rows})", 2 * 4 * rows * vocab_local))
+        if model_shards // tensor > 1:  # the head's D is split: gathered once per loss call
+            head = 2 * c.hidden_size * vocab_local * dtype.itemsize
+            terms.append((f"LM head gathered for the loss + its gradient ({dtype.name})", head))
     else:
         terms.append(
             (

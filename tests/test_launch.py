@@ -153,8 +153,11 @@ def test_plan_terms_are_consistent():
     assert dict(chunked.terms)["logits + gradient, float32 (1 row x 1024)"] == (
         2 * 4 * 1024 * 248320
     )
+    # ... and the head [D, vocab] gathered over fsdp x expert for the loss, with its gradient
+    head = 2 * 4096 * 248320 * 2
+    assert dict(chunked.terms)["LM head gathered for the loss + its gradient (bfloat16)"] == head
     assert chunked.total == pytest.approx(
-        p.total - 2 * 2 * 4 * 8192 * 248320 + 2 * 4 * 1024 * 248320
+        p.total - 2 * 2 * 4 * 8192 * 248320 + 2 * 4 * 1024 * 248320 + head
     )
 
 
