@@ -52,11 +52,6 @@ def test_expert_parallel_step_has_all_to_all(v5p_4):
     assert result.memory is not None and result.memory.aliased > 0  # the state is donated
     assert result.collectives["all-gather"].count > 0  # FSDP weights
     assert explicit(result, "all-to-all", "all_to_all") > 0  # moe_dispatch.py's exchange
-    # the router's expert counts are summed where the tokens live: no collective carries the
-    # [tokens, k, E] one-hot (it was all-gathered over every batch shard: 20 GiB per layer at
-    # the 397b recipe, bench/RESULTS.md)
-    onehot = re.compile(r"= pred\[256,2,4\]\S* (all-gather|all-reduce)")  # 4 x 64 tokens, k 2, E 4
-    assert not [line for line in result.hlo_text.splitlines() if onehot.search(line)]
     a2a = result.collectives["all-to-all"]
     assert a2a.count > 0 and a2a.bytes > 0
 
