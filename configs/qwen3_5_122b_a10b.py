@@ -7,7 +7,8 @@
 
 Sized for a TPU v5p-1024 (512 chips): fsdp 32 x expert 16.
 Memory per chip on v5p-1024: the TPU compiler's 69.6 GiB of 95.7 (73%, fits; `launch.compile
---topology=v5p-1024`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 39.8 GiB.
+--topology=v5p-1024`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 46.3 GiB
+(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """

@@ -7,7 +7,8 @@
 
 Sized for a TPU v5p-512 (256 chips): fsdp 64 x tensor 4.
 Memory per chip on v5p-512: the TPU compiler's 42.1 GiB of 95.7 (44%, fits; `launch.compile
---topology=v5p-512`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 52.0 GiB.
+--topology=v5p-512`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 55.6 GiB
+(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """

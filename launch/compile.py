@@ -42,7 +42,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices; never
 
 from absl import app, flags  # noqa: E402
 
-from launch.hlo_collectives import KINDS, Collective, collectives  # noqa: E402
+from launch.hlo_collectives import KINDS, Collective, collectives, largest_sources  # noqa: E402
 from train import main as train_main  # noqa: E402  (defines --config with its override checks)
 
 _TOPOLOGY = flags.DEFINE_string(
@@ -414,6 +414,10 @@ def _collective_lines(result: Result) -> list[str]:
         lines.append(f"  {kind:<28}{c.count:>9}{c.bytes / GiB:>11.3f}")
     all_bytes = sum(c.bytes for c in result.collectives.values())
     lines.append(f"  {'total':<28}{'':>9}{all_bytes / GiB:>11.3f}")
+    if result.hlo_text and all_bytes:
+        lines.append("  largest sources (by op_name):")
+        for kind, source, count, nbytes in largest_sources(result.hlo_text, 5):
+            lines.append(f"    {kind:<20}{count:>7}{nbytes / GiB:>11.3f} GiB  {source}")
     lines += [f"  note: {n}" for n in result.notes]
     return lines
 

@@ -1,6 +1,7 @@
 """Communication of a compiled XLA program, read from its HLO text (`compiled.as_text()`).
 
     collectives(hlo_text) -> {kind: Collective(count, bytes)}     per execution, per device
+    largest_sources(hlo_text, n) -> [(kind, source, count, bytes)]  the n heaviest, by op_name
 
 Kinds: all-gather, reduce-scatter, all-reduce, all-to-all (also ragged), collective-permute; the
 synchronous ops and their asynchronous `-start` halves (the `-done` halves are not counted
@@ -134,11 +135,8 @@ def _parse(hlo_text: str) -> tuple[dict[str, list[_Instr]], str | None]:
     return comps, entry
 
 
-def collectives(hlo_text: str) -> tuple[dict[str, Collective], list[str]]:
-    """({kind: Collective} for the kinds in KINDS, notes) of one execution of the program."""
-    comps, entry = _parse(hlo_text)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
+def _runs(comps: dict[str, list[_Instr]], entry: str) -> tuple[dict[str, int], list[str]]:
+    """Executions of each computation per run of `entry` (loops by trip count), and notes."""
     calls: dict[str, list[tuple[str, int]]] = defaultdict(list)  # caller -> (callee, times)
     notes = []
     for name, instrs in comps.items():
@@ -166,8 +164,16 @@ def collectives(hlo_text: str) -> tuple[dict[str, Collective], list[str]]:
                 visit(callee, times * k, depth + 1)
 
     visit(entry, 1)
-    count: dict[str, int] = defaultdict(int)
-    nbytes: dict[str, float] = defaultdict(float)
+    return runs, notes
+
+
+def _each(hlo_text: str):
+    """(kind, executions, bytes per execution, instruction) of every collective, and notes."""
+    comps, entry = _parse(hlo_text)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    runs, notes = _runs(comps, entry)
+    out = []
     for name, instrs in comps.items():
         if not runs.get(name):
             continue
@@ -184,6 +190,49 @@ def collectives(hlo_text: str) -> tuple[dict[str, Collective], list[str]]:
                 size = sum(arrays[len(arrays) // 2 :])  # (inputs..., outputs...)
             else:
                 size = sum(arrays)
-            count[kind] += runs[name]
-            nbytes[kind] += runs[name] * size
+            out.append((kind, runs[name], size, ins))
+    return out, notes
+
+
+def collectives(hlo_text: str) -> tuple[dict[str, Collective], list[str]]:
+    """({kind: Collective} for the kinds in KINDS, notes) of one execution of the program."""
+    ops, notes = _each(hlo_text)
+    count: dict[str, int] = defaultdict(int)
+    nbytes: dict[str, float] = defaultdict(float)
+    for kind, times, size, _ in ops:
+        count[kind] += times
+        nbytes[kind] += times * size
     return {k: Collective(count[k], nbytes[k]) for k in KINDS}, notes
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def source_of(op_name: str) -> str:
+    """The JAX source of a collective, shortened: 'bwd mtp/layers_0/mlp/dot_general' from
+    'jit(train_step)/transpose(jvp(Model))/mtp/while/body/closed_call/layers_0/mlp/dot_general'
+    ('fwd'/'bwd': the forward pass or its transpose; loop and call wrappers dropped)."""
+    phase = "bwd " if "transpose(" in op_name else "fwd " if "jvp(" in op_name else ""
+    parts = [
+        p
+        for p in op_name.split("/")
+        if p
+        and not p.startswith(("jit(", "jvp(", "transpose(", "checkpoint", "rematted_computation"))
+        and p not in ("while", "body", "closed_call", "cond")
+    ]
+    return phase + "/".join(parts[-4:])
+
+
+def largest_sources(hlo_text: str, n: int = 5) -> list[tuple[str, str, int, float]]:
+    """The `n` (kind, source, executions, bytes per step per device) that move the most bytes,
+    by the op_name XLA kept for each collective (`source_of`; '?' without one)."""
+    ops, _ = _each(hlo_text)
+    count: dict[tuple[str, str], int] = defaultdict(int)
+    nbytes: dict[tuple[str, str], float] = defaultdict(float)
+    for kind, times, size, ins in ops:
+        m = _OP_NAME.search(ins.attrs)
+        key = (kind, source_of(m.group(1)) if m else "?")
+        count[key] += times
+        nbytes[key] += times * size
+    top = sorted(nbytes, key=lambda k: -nbytes[k])[:n]
+    return [(k, src, count[(k, src)], nbytes[(k, src)]) for k, src in top]

@@ -14,7 +14,9 @@ Nothing is allocated and nothing runs on a device. Terms, per device:
                    policy (`jax._src.ad_checkpoint.saved_residuals`), traced at 1 and 2
                    sequences of the per-device length: the difference scales with the per-device
                    batch, the rest (weight casts) is counted once per layer at its sharded size;
-                   activations whose last axis is not the model width are divided by `tensor`
+                   activations whose last axis is not the model width are divided by `tensor`;
+                   the MTP head's layer (`mtp.py`: a plain DecoderLayer) is never
+                   rematerialised: all its residuals, whatever the policy
   recompute peak   with remat, the backward pass re-materialises one layer at a time: the
                    largest difference between that layer's full and remat residuals; without
                    remat, the gradients of the largest layer's activations (as large as they)
@@ -23,7 +25,9 @@ Nothing is allocated and nothing runs on a device. Terms, per device:
   logits           float32 logits and their gradient, [tokens, vocab / tensor] (and the MTP
                    head's when the model has one); with a chunked cross-entropy
                    (`train.loss_chunk`, --loss_chunk, the presets' 1024) only one chunk's:
-                   one row per device at a time, [chunk, vocab / tensor], one head at a time
+                   one row per device at a time, [chunk, vocab / tensor], one head at a time,
+                   plus the head weight gathered over the FSDP axes for the loss and its
+                   gradient, [D, vocab / tensor] each (train/losses.py gathers it once per call)
   MoE buffers      with expert parallelism, the static all-to-all buffers of one layer
                    (dropless: P * rows per device, the worst case; with --capacity_factor:
                    cf * rows), alive while that layer runs
@@ -35,6 +39,9 @@ recipe on v5p-32 1.06 x with whole-row logits, 1.29 x with the row-chunked cross
 same per-chip step on 4 chips (fsdp=4, no collective-permutes) is 1.18 x; there the compiler's
 buffer assignment holds 69.4 GiB (0.94 x this figure; saved activations 50.1 GiB vs 50.6 here)
 and `memory_analysis` adds 17.9 GiB of temporaries outside it, which no traced term can see.
+The MoE recipes read 1.36-1.76 x before two fixes (bench/RESULTS.md, session 7): a [tokens, k, E]
+router one-hot all-gathered in every MoE layer (layers/moe.py, 4-20 GiB) and the MTP layer's
+residuals, which this planner counted under the remat policy (3-4 GiB); not re-measured after.
 Keep this figure under ~70% of HBM.
 """
 
@@ -267,31 +274,37 @@ def plan(
     if grad_accum > 1:
         terms.append((f"gradient accumulator (float32, {grad_accum} micro-batches)", 4 * n_local))
     notes = []
-    kinds = {decoder.LINEAR: c.num_blocks * (c.full_attention_interval - 1) + c.num_tail_layers}
-    kinds[decoder.FULL] = c.num_blocks + (c.mtp_num_hidden_layers if mtp else 0)
+    # (kind, count, remat policy): the MTP head's layers are plain DecoderLayers (mtp.py), never
+    # rematerialised, so they keep every residual whatever the policy
+    linear = c.num_blocks * (c.full_attention_interval - 1) + c.num_tail_layers
+    kinds = [
+        (decoder.LINEAR, linear, policy),
+        (decoder.FULL, c.num_blocks, policy),
+        (decoder.FULL, c.mtp_num_hidden_layers if mtp else 0, "none"),
+    ]
     label = {decoder.LINEAR: "GDN", decoder.FULL: "attention"}
-    saved, peak, peak_src = 0.0, 0.0, {}
+    saved, peak, peak_src, recomputed = 0.0, 0.0, {}, False
     detail, sources = [], defaultdict(float)
-    for kind, count in kinds.items():
+    args = (b_local, t_local, tensor, runtime.gdn_chunk_size, dtype, pdtype, model_shards)
+    for i, (kind, count, layer_policy) in enumerate(kinds):
         if not count:
             continue
-        args = (b_local, t_local, tensor, runtime.gdn_chunk_size, dtype, pdtype, model_shards)
-        kept, src = layer_activation_bytes(c, kind, policy, *args)
+        kept, src = layer_activation_bytes(c, kind, layer_policy, *args)
         saved += count * kept
-        detail.append(f"{count} {label[kind]} x {kept / GiB:.2f}")
+        detail.append(f"{count} {'MTP ' * (i == 2)}{label[kind]} x {kept / GiB:.2f}")
         for where, nbytes in src.items():
             sources[where] += count * nbytes
-        if policy != "none":
+        if layer_policy != "none":
             full, src = layer_activation_bytes(c, kind, "none", *args)
             if full - kept > peak:
-                peak, peak_src = full - kept, src
-        elif kept > peak:  # no remat: the cotangents of one layer's activations in backward
-            peak, peak_src = kept, src
+                peak, peak_src, recomputed = full - kept, src, True
+        elif kept > peak:  # no remat: the cotangents of the layer's activations in backward
+            peak, peak_src, recomputed = kept, src, False
     terms.append((f"activations saved ({', '.join(detail)} GiB)", saved))
     top = sorted(sources.items(), key=lambda kv: -kv[1])[:3]
     notes.append("saved activations by source: " + _sources(top))
     top = sorted(peak_src.items(), key=lambda kv: -kv[1])[:3]
-    if policy != "none":
+    if recomputed:
         terms.append((f"one layer recomputed in backward (largest: {top[0][0]})", peak))
         notes.append("recomputed layer by source: " + _sources(top))
     elif peak:
@@ -306,6 +319,9 @@ def plan(
     if loss_chunk:
         rows = min(loss_chunk, t_local)  # one row per device at a time (train/losses.py)
         terms.append((f"logits + gradient, float32 (1 row x {rows})", 2 * 4 * rows * vocab_local))
+        if model_shards // tensor > 1:  # the head's D is split: gathered once per loss call
+            head = 2 * c.hidden_size * vocab_local * dtype.itemsize
+            terms.append((f"LM head gathered for the loss + its gradient ({dtype.name})", head))
     else:
         terms.append(
             (

@@ -146,7 +146,7 @@ HloModule m, is_scheduled=true
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %p = (s32[], f32[8]{0}) parameter(0)
   %x = f32[8]{0} get-tuple-element(%p), index=1
-  %ag = f32[32]{0} all-gather(%x), replica_groups={{0,1,2,3}}, dimensions={0}
+  %ag = f32[32]{0} all-gather(%x), replica_groups={{0,1,2,3}}, dimensions={0}, metadata={op_name="jit(step)/transpose(jvp(M))/while/body/closed_call/checkpoint/bcd,dv->bcv/dot_general"}
   %rs = f32[8]{0} reduce-scatter(%ag), replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
   %i = s32[] get-tuple-element(%p), index=0
   ROOT %t = (s32[], f32[8]{0}) tuple(%i, %rs)
@@ -175,7 +175,7 @@ ENTRY %main (arg: f32[8]) -> f32[8] {
   %cpd = bf16[4,8]{1,0} collective-permute-done(%cps)
   ROOT %ar = f32[8]{0} all-reduce(%y), replica_groups={{0,1,2,3}}, to_apply=%add
 }
-"""
+"""  # noqa: E501 (HLO lines)
 
 
 def test_collectives_counted_per_loop_iteration():
@@ -186,6 +186,9 @@ def test_collectives_counted_per_loop_iteration():
     assert comms["collective-permute"] == (1, 4 * 8 * 2)  # the -done half is not counted
     assert comms["all-to-all"] == (0, 0)
     assert notes == []
+    top = hlo_collectives.largest_sources(HLO, 2)
+    assert top[0] == ("all-gather", "bwd bcd,dv->bcv/dot_general", 12, 12 * 32 * 4)
+    assert top[1] == ("reduce-scatter", "?", 12, 12 * 32 * 4)  # no op_name
 
 
 # ------------------------------------------------------------------------- the command

@@ -153,9 +153,36 @@ def test_plan_terms_are_consistent():
     assert dict(chunked.terms)["logits + gradient, float32 (1 row x 1024)"] == (
         2 * 4 * 1024 * 248320
     )
+    # ... and the head [D, vocab] gathered over fsdp x expert for the loss, with its gradient
+    head = 2 * 4096 * 248320 * 2
+    assert dict(chunked.terms)["LM head gathered for the loss + its gradient (bfloat16)"] == head
     assert chunked.total == pytest.approx(
-        p.total - 2 * 2 * 4 * 8192 * 248320 + 2 * 4 * 1024 * 248320
+        p.total - 2 * 2 * 4 * 8192 * 248320 + 2 * 4 * 1024 * 248320 + head
     )
+
+
+def test_plan_keeps_every_residual_of_the_mtp_layer():
+    """mtp.py's layers are plain DecoderLayers, never rematerialised: under any remat policy
+    the planner counts their full residuals (the TPU compiler keeps them: bench/RESULTS.md)."""
+    from qwen35_jax.layers import decoder
+
+    cfg = q.get_config("tiny-moe")
+    c = cfg.text_config
+    assert c.mtp_num_hidden_layers == 1
+    rt = q.Runtime(remat_policy="full", compute_dtype="bfloat16")
+
+    def saved(mtp):
+        p = planner.plan(cfg, {"fsdp": 4}, "v5p", 4, 256, 8, mtp=mtp, runtime=rt)
+        return next(b for name, b in p.terms if name.startswith("activations saved"))
+
+    full, _ = planner.layer_activation_bytes(
+        c, decoder.FULL, "none", 2, 256, 1, rt.gdn_chunk_size, rt.dtype, rt.weights_dtype, 4
+    )
+    kept, _ = planner.layer_activation_bytes(
+        c, decoder.FULL, "full", 2, 256, 1, rt.gdn_chunk_size, rt.dtype, rt.weights_dtype, 4
+    )
+    assert full > 2 * kept
+    assert saved(True) - saved(False) == pytest.approx(full)
 
 
 def test_plan_rejects_a_mesh_that_does_not_match_the_chips(capsys):

@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwen35_jax import sharding
+
 
 def shifted_targets(
     tokens_BT: jax.Array,
@@ -98,7 +100,10 @@ def chunked_cross_entropy_sums(
         x_RNYC_ = jnp.moveaxis(x_YRNC_, 0, 2)
         return x_RNYC_.reshape(r * n, y, chunk, *x_BT_.shape[2:])
 
-    head_DV = head_DV.astype(dtype)
+    # gathered over the FSDP axes once per call (vocab stays split over `tensor`): left to the
+    # compiler, the D-sharded head was gathered again by every chunk in the forward and twice
+    # in the backward (rings of collective-permutes: 735 of the 2b recipe's 767 GiB per step)
+    head_DV = sharding.constrain(head_DV.astype(dtype), (None, "vocab"))
 
     @jax.checkpoint
     def one_chunk(h_YCD, tgt_YC, val_YC):
