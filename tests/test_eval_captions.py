@@ -184,3 +184,10 @@ def test_image_text_documents_held_out_by_hash_are_never_trained_on(tmp_path):
     assert trained == set(range(40)) - held
     batches = evaluation.eval_batches(config, prepared)
     assert batches and set().union(*(captions(b["tokens"]) for b in batches)) <= held
+
+
+def test_digits_evaluate_their_own_held_out_images_only():
+    config = _digits_config()  # train.eval_every alone: valid
+    config.data.eval_fraction = 0.1
+    with pytest.raises(config_schema.ConfigValueError, match="data.eval_fraction=0.1 is not for"):
+        config_schema.validate(config)
