@@ -85,3 +85,16 @@ def test_a_directory_without_runs_is_refused_in_one_line(tmp_path, capsys):
     assert compare.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no metrics.jsonl" in err and err.count("\n") == 1
+
+
+def test_multimodal_runs_get_a_final_eval_accuracy_column(sweep_dir):
+    run = sweep_dir / "lr=0.2_full_attention_interval=4"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()[:3]]
+    rows[1]["eval_accuracy"], rows[2]["eval_accuracy"] = 0.5, 0.75
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert compare.main([str(sweep_dir)]) == 0
+    md = (sweep_dir / "comparison.md").read_text().splitlines()
+    keys = md[0].split(" | ")
+    column = keys.index("final_eval_accuracy")
+    assert keys[column - 1] == "best_eval_loss"
+    assert [md[i].split(" | ")[column] for i in (2, 3)] == ["-", "75.0%"]

@@ -184,3 +184,36 @@ def test_eval_settings_are_checked():
     config.data.eval_fraction = 1.0
     with pytest.raises(config_schema.ConfigValueError, match=r"data.eval_fraction=1.0 must be"):
         config_schema.validate(config)
+
+
+def test_the_trained_tokenizer_never_sees_a_held_out_document_and_stats_count_them_apart(
+    tmp_path, monkeypatch
+):
+    import train.prepare as prepare  # noqa: PLC0415
+
+    seen = []
+
+    def spy(texts, path, vocab_size):
+        seen.extend(texts)
+        return train_sentencepiece(seen, path, vocab_size)
+
+    monkeypatch.setattr(prepare, "train_sentencepiece", spy)
+    config = runpy.run_path(os.path.join(ROOT, "configs", "tiny_cpu.py"))["get_config"]()
+    config.data.max_bytes = 200_000
+    config.data.eval_fraction = FRACTION
+    config_schema.validate(config)
+    prepared = prepare_data(config, str(tmp_path))
+    records = [prepared.source[i] for i in range(len(prepared.source))]
+    texts = [prepared.decode(r) for r in records]
+    held = [t for r, t in zip(records, texts, strict=True) if is_held_out(r, FRACTION) and t]
+    kept = [t for r, t in zip(records, texts, strict=True) if not is_held_out(r, FRACTION) and t]
+    assert held and kept
+    assert sorted(seen) == sorted(kept)  # every training document, no held-out one
+
+    stats = json.loads((tmp_path / "data_stats.json").read_text())
+    tok = prepared.tokenizer
+    assert stats["eval_documents"] == len(held)
+    assert stats["eval_tokens"] == sum(len(tok.encode(t)) + 1 for t in held)
+    assert stats["documents_read"] == len(kept)
+    assert stats["tokens"] == sum(len(tok.encode(t)) + 1 for t in kept)
+    assert "held out for evaluation" in prepare.describe(stats)

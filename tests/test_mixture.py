@@ -113,3 +113,49 @@ def test_a_bad_mixture_is_refused_naming_the_key(tmp_path, spec, message):
         "0_stdlib",
         "1_parquet",
     ]
+
+
+@pytest.mark.parametrize("num_shards", [1, 2])
+def test_tokens_per_source_are_global_whatever_the_process_count(
+    tmp_path, mixture, monkeypatch, num_shards
+):
+    """Two processes (rows 0-3 and 4-7; with one virtual shard both build it) report, summed,
+    one process's figures; their checkpoint files merge into one process's counts."""
+    import train.data.input as input_lib  # noqa: PLC0415
+    from train.data import mixture as mixture_lib  # noqa: PLC0415
+    from train.data.iterator import merge_states  # noqa: PLC0415
+
+    config = _config(tmp_path, mixture)
+    config.data.num_shards = num_shards
+    config_schema.validate(config)
+
+    def pipeline_of(rows):
+        monkeypatch.setattr(input_lib.distributed, "process_batch_slice", lambda m, b: rows)
+        return _pipeline(config).iterator
+
+    one = pipeline_of(slice(0, 8))
+    procs = [pipeline_of(slice(0, 4)), pipeline_of(slice(4, 8))]
+    for _ in range(6):
+        whole = next(one)
+        halves = [next(p) for p in procs]
+        np.testing.assert_array_equal(
+            whole["tokens"], np.concatenate([h["tokens"] for h in halves])
+        )
+    local = [p.source_counts.local_tokens() for p in procs]
+    np.testing.assert_array_equal(local[0] + local[1], one.source_counts.local_tokens())
+    assert one.source_metrics() == {
+        f"source_tokens/{n}": int(t)
+        for n, t in zip(["0_jsonl", "1_text"], one.source_counts.local_tokens(), strict=True)
+    }
+
+    files = {(i, 2): p.get_state().decode() for i, p in enumerate(procs)}
+    resumed = pipeline_of(slice(0, 8))
+    resumed.set_state(merge_states(files, (0, 1)))
+    assert resumed.source_metrics() == one.source_metrics()
+
+    # the sum over processes: int64 counts through int32 digits, exact past 2^31
+    big = np.asarray([3 * 2**31 + 5, 7], np.int64)
+    monkeypatch.setattr(mixture_lib.jax, "process_count", lambda: 2)
+    gather = lambda x: np.stack([x, x])  # noqa: E731 - both processes hold `big`
+    monkeypatch.setattr(mixture_lib.multihost_utils, "process_allgather", gather)
+    np.testing.assert_array_equal(mixture_lib.process_sum(big), 2 * big)

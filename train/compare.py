@@ -8,8 +8,9 @@ to the sweep directory, or the first DIR. Written there:
 
     comparison.md    one row per run: the config fields that differ between the runs (from each
                      run's config.json, dotted keys), final train loss (mean of the last logging
-                     interval), final and best held-out loss (eval_loss), median tokens/s and MFU,
-                     parameters, steps, wall time (run_summary.json: all invocations)
+                     interval), final and best held-out loss (eval_loss), multimodal runs' final
+                     eval_accuracy (exact captions), median tokens/s and MFU, parameters,
+                     steps, wall time (run_summary.json: all invocations)
     comparison.csv   the same, full precision
     comparison.png   train loss and held-out loss against the step, every run on shared axes
                      (matplotlib, the `plots` extra; without it the tables are still written and
@@ -125,13 +126,27 @@ def run_row(run: RunData, fields: list[str]) -> dict[str, Any]:
         steps=rows[-1]["step"] if rows else 0,
         wall_seconds=run.summary.get("wall_seconds"),
     )
+    accuracy = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+    if accuracy:  # multimodal: exact captions (evaluation.py)
+        out["final_eval_accuracy"] = accuracy[-1]
+    return out
+
+
+def _with_accuracy(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with a final_eval_accuracy column (None when the run logged none) after the losses."""
+    out = {}
+    for key, value in row.items():
+        if key != "final_eval_accuracy":
+            out[key] = value
+        if key == "best_eval_loss":
+            out["final_eval_accuracy"] = row.get("final_eval_accuracy")
     return out
 
 
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if key == "mfu":
+    if key in ("mfu", "final_eval_accuracy"):
         return f"{100 * value:.1f}%"
     if key == "tokens_per_s":
         return f"{value:,.0f}"
@@ -193,6 +208,8 @@ def compare(dirs: list[str], out: str | None = None) -> tuple[str, list[dict[str
     os.makedirs(out, exist_ok=True)
     fields = differing_fields(runs)
     table = [run_row(r, fields) for r in runs]
+    if any("final_eval_accuracy" in row for row in table):  # a column for every run then
+        table = [_with_accuracy(row) for row in table]
     with open(os.path.join(out, TABLE), "w") as f:
         f.write(markdown(table))
     write_csv(os.path.join(out, "comparison.csv"), table)

@@ -88,9 +88,9 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         # > 0: the heads' cross-entropies over chunks of that many positions per row, never
         # holding the [B, T, vocab] logits; 0 = whole logits
         loss_chunk=0,
-        # held-out evaluation (train/evaluation.py, on data.eval_path or data.eval_fraction):
-        # every eval_every steps (0 = only once, at the end of the run) over eval_batches fixed
-        # batches of batch_size rows
+        # held-out evaluation (train/evaluation.py, on data.eval_path or data.eval_fraction;
+        # digits: their own held-out images): every eval_every steps (0 = only once, at the end
+        # of the run; digits: none) over eval_batches fixed batches of batch_size rows
         eval_every=0,
         eval_batches=4,
     )
@@ -139,9 +139,9 @@ def base_config(model: str = "tiny-moe", *, keep_vision: bool = False) -> ml_col
         image_size=32,  # digits: upscaled to image_size x image_size
         images_per_doc=1,  # digits: 1 = image-caption pairs; k = k images with their captions
         eval_examples=0,  # digits: held-out images captioned at the end (accuracy); 0 = none
-        # held-out evaluation data (text kinds): eval_path, comma-separated globs of the same
-        # kind as `path`; or eval_fraction, the share of documents held out of `path` by a hash
-        # of their bytes (train/data/split.py: never trained on, whatever the topology)
+        # held-out evaluation data: eval_path, comma-separated globs of the same kind as `path`;
+        # or eval_fraction, the share of documents held out of `path` by a hash of their bytes
+        # (train/data/split.py: never trained on, whatever the topology); not for digits
         eval_path="",
         eval_fraction=0.0,
         # several sources sampled in proportion: "KIND:PATH:WEIGHT;..." (e.g.
@@ -335,17 +335,23 @@ def _mixture_checks(config: ml_collections.ConfigDict) -> None:
 
 
 def _eval_checks(config: ml_collections.ConfigDict) -> None:
-    """Held-out evaluation: one source of evaluation data, text kinds, a fraction in [0, 1)."""
+    """Held-out evaluation: one source of evaluation data (digits: their own), a fraction in
+    [0, 1)."""
     d = config.data
     if not 0.0 <= d.eval_fraction < 1.0:
         _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     if d.eval_fraction and d.eval_path:
         _fail("data.eval_fraction", d.eval_fraction, "cannot be combined with data.eval_path")
     wanted = d.eval_fraction or d.eval_path
-    if wanted and d.kind in MULTIMODAL_KINDS:
+    if wanted and d.kind == "digits":
         key = "data.eval_path" if d.eval_path else "data.eval_fraction"
-        _fail(key, get_key(config, key), f"is for text kinds, not data.kind={d.kind!r}")
-    if config.train.eval_every and not wanted:
+        _fail(
+            key,
+            get_key(config, key),
+            "is not for data.kind='digits' (its held-out images are built in: set "
+            "train.eval_every)",
+        )
+    if config.train.eval_every and not wanted and d.kind != "digits":
         _fail(
             "train.eval_every",
             config.train.eval_every,

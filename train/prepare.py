@@ -10,6 +10,14 @@ token count and the unigram entropy H = -sum_v p_v ln p_v (nats/token, eos inclu
 separator the model predicts) of up to `_STATS_TOKENS` training tokens. A model that learns only
 token frequencies reaches a loss of H; the loss of a model that uses context falls below it.
 
+Held-out evaluation documents (`eval_documents`, evaluation.py reads them) are opened here too:
+`data.eval_path` (files of data.kind), the documents of the training source that data/split.py
+holds out (`data.eval_fraction`; `train_select` keeps the others), or for digits their own
+held-out images (data/digits.py, asked for by `train.eval_every`). The tokenizer a run trains
+never sees a held-out document, and the statistics count them apart: `eval_documents` /
+`eval_tokens` (held-out documents among the records scanned, or of the eval source, up to
+`_STATS_TOKENS`) beside the training side's `documents_read` / `tokens`.
+
 Multimodal kinds: the source is a document source, `data.kind="digits"` (data/digits.py, with
 its fixed word list, `WordTokenizer`) or `"image_jsonl"` (data/image_text.py: JSON-lines
 image-text documents; the tokenizer as above, a sentencepiece model trained on the text parts).
@@ -24,6 +32,7 @@ import collections
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -39,6 +48,7 @@ from train.data.image_text import ImageTextJsonl, document_text
 from train.data.mixture import MixtureSource, parse_mixture
 from train.data.multimodal import EncodeExample, VisualSpec
 from train.data.sources import decode_record, decode_with_reason, open_source
+from train.data.split import SplitSide
 from train.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from train.tokenizer import train_sentencepiece
 
@@ -48,9 +58,54 @@ _STATS_TOKENS = 2_000_000
 @dataclass
 class PreparedData:
     source: Any
-    decode: Any  # raw record -> text | None
+    decode: Any  # raw record -> text | None (text kinds; None for multimodal kinds)
     tokenizer: Tokenizer
     stats: dict[str, Any]
+    eval: EvalDocuments | None = None  # held-out evaluation's documents, when asked for
+
+
+@dataclass(frozen=True)
+class EvalDocuments:
+    """Where held-out evaluation reads: `source` (records), those `select` accepts (None: all);
+    `key` is the setting that chose them (named in errors). `train_select` is the training
+    side's predicate when the documents are held out of the training source, else None."""
+
+    source: Any
+    select: Callable[[Any], bool] | None
+    key: str
+    train_select: Callable[[Any], bool] | None = None
+
+
+def eval_wanted(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config asks for held-out evaluation (digits: `train.eval_every`, their
+    held-out images being built in)."""
+    d = config.data
+    if d.kind == "digits":
+        return bool(config.train.eval_every)
+    return bool(d.eval_path or d.eval_fraction)
+
+
+def eval_documents(config: ml_collections.ConfigDict, source: Any) -> EvalDocuments | None:
+    """The held-out evaluation documents of `config` (module docstring), `source` being the
+    training source; ConfigValueError naming data.eval_path when its files are missing."""
+    d = config.data
+    if not eval_wanted(config):
+        return None
+    if d.kind == "digits":
+        held = digits.DigitsSource("eval", d.image_size, d.images_per_doc)
+        return EvalDocuments(held, None, "train.eval_every")
+    if d.eval_fraction:
+        keep, held = SplitSide(d.eval_fraction, False), SplitSide(d.eval_fraction, True)
+        return EvalDocuments(source, held, "data.eval_fraction", train_select=keep)
+    try:
+        if d.kind == "image_jsonl":
+            other = ImageTextJsonl(open_source("jsonl", d.eval_path))
+        else:
+            other = open_source(d.kind, d.eval_path, max_bytes=d.max_bytes, text_key=d.text_key)
+    except (FileNotFoundError, ValueError) as e:
+        message = str(e).replace("data.path=", "data.eval_path=")
+        raise config_schema.ConfigValueError(message) from None
+    return EvalDocuments(other, None, "data.eval_path")
 
 
 def _record_format(data: ml_collections.ConfigDict) -> str:
@@ -59,9 +114,13 @@ def _record_format(data: ml_collections.ConfigDict) -> str:
     return "json" if data.kind == "jsonl" else data.record_format
 
 
-def _texts(source: Any, decode: Any):
+def _texts(source: Any, decode: Any, select: Callable[[Any], bool] | None = None):
+    """The documents' texts, those `select` refuses (held out) left out."""
     for i in range(len(source)):
-        text = decode(source[i])
+        raw = source[i]
+        if select is not None and not select(raw):
+            continue
+        text = decode(raw)
         if text is not None:
             yield text
 
@@ -74,8 +133,15 @@ def _tokenizer_dir(config: ml_collections.ConfigDict) -> str | None:
 
 
 def _tokenizer(
-    data: ml_collections.ConfigDict, workdir: str, from_hf: str | None, source, decode
+    data: ml_collections.ConfigDict,
+    workdir: str,
+    from_hf: str | None,
+    source: Any,
+    decode: Any,
+    select: Callable[[Any], bool] | None = None,
 ) -> Tokenizer:
+    """The run's tokenizer (module docstring); a trained one sees the documents `select`
+    accepts (the training side of a held-out split) only."""
     if data.tokenizer_path:
         try:
             return load_tokenizer(data.tokenizer, data.tokenizer_path)
@@ -93,7 +159,7 @@ def _tokenizer(
     if jax.process_index() == 0 and not os.path.exists(path):
         logging.info("training a %d-piece sentencepiece tokenizer on %r", data.vocab_size, source)
         print(f"training a {data.vocab_size}-piece sentencepiece tokenizer -> {path}", flush=True)
-        train_sentencepiece(_texts(source, decode), path, data.vocab_size)
+        train_sentencepiece(_texts(source, decode, select), path, data.vocab_size)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tokenizer trained")
     return load_tokenizer("sentencepiece", path)
@@ -126,7 +192,8 @@ def check_usable(source: Any, data: ml_collections.ConfigDict) -> None:
 
 
 def describe(stats: dict[str, Any]) -> str:
-    """The console `data:` line: records, tokens, skipped records and why, unigram entropy."""
+    """The console `data:` line: records, tokens, skipped records and why, unigram entropy,
+    held-out documents."""
     skipped = stats.get("records_skipped", 0)
     why = stats.get("skip_reasons") or {}
     line = f"data: {stats['records']} records"
@@ -138,6 +205,11 @@ def describe(stats: dict[str, Any]) -> str:
     )
     if "images" in stats:
         line += f"; {stats['images']:,} images, {stats['patches']:,} patches"
+    if "eval_documents" in stats:
+        line += (
+            f"; held out for evaluation: {stats['eval_documents']:,} documents, "
+            f"{stats['eval_tokens']:,} tokens"
+        )
     return line
 
 
@@ -169,29 +241,60 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _corpus_stats(source: Any, decode: Any, tokenizer: Tokenizer) -> dict[str, Any]:
+def _text_tokens(decode: Any, tokenizer: Tokenizer) -> Callable[[Any], tuple[list[int], str]]:
+    """raw record -> (its ids + eos, or [] when unusable; why it is unusable)."""
+
+    def tokens(raw: Any) -> tuple[list[int], str]:
+        text, why = decode(raw)
+        if text is None:
+            return [], why
+        ids = tokenizer.encode(text)
+        return ([*ids, tokenizer.eos_id], "") if ids else ([], "no tokens")
+
+    return tokens
+
+
+def _eval_counts(
+    source: Any, select: Callable[[Any], bool] | None, tokens: Callable[[Any], Any]
+) -> dict[str, int]:
+    """Held-out documents and tokens of a separate evaluation source (up to _STATS_TOKENS)."""
+    docs = total = 0
+    for i in range(len(source)):
+        raw = source[i]
+        if select is not None and not select(raw):
+            continue
+        n = len(tokens(raw)[0])
+        docs, total = docs + (n > 0), total + n
+        if total >= _STATS_TOKENS:
+            break
+    return {"eval_documents": docs, "eval_tokens": total}
+
+
+def _corpus_stats(
+    source: Any, decode: Any, tokenizer: Tokenizer, held: EvalDocuments | None = None
+) -> dict[str, Any]:
     counts: collections.Counter[int] = collections.Counter()
     reasons: collections.Counter[str] = collections.Counter()
-    docs = skipped = total = 0
+    docs = skipped = total = eval_docs = eval_total = 0
+    tokens = _text_tokens(decode, tokenizer)
+    keep = held.train_select if held is not None else None
     for i in range(len(source)):
-        text, why = decode(source[i])
-        if text is None:
+        raw = source[i]
+        ids, why = tokens(raw)
+        if keep is not None and not keep(raw):  # held out: evaluation's, counted apart
+            eval_docs, eval_total = eval_docs + bool(ids), eval_total + len(ids)
+            continue
+        if not ids:
             skipped += 1
             reasons[why] += 1
             continue
-        ids = tokenizer.encode(text)
-        if not ids:
-            skipped += 1
-            reasons["no tokens"] += 1
-            continue
         counts.update(ids)
-        counts[tokenizer.eos_id] += 1
         docs += 1
-        total += len(ids) + 1
+        total += len(ids)
         if total >= _STATS_TOKENS:
             break
     entropy = _entropy(counts, total)
-    return {
+    stats = {
         "records": len(source),
         "documents_read": docs,
         "records_skipped": skipped,
@@ -200,6 +303,11 @@ def _corpus_stats(source: Any, decode: Any, tokenizer: Tokenizer) -> dict[str, A
         "unigram_entropy_nats": entropy,
         "unigram_entropy_bits": entropy / math.log(2),
     }
+    if held is not None and keep is not None:
+        stats.update(eval_documents=eval_docs, eval_tokens=eval_total)
+    elif held is not None:
+        stats.update(_eval_counts(held.source, held.select, tokens))
+    return stats
 
 
 def _entropy(counts: collections.Counter[int], total: int) -> float:
@@ -207,24 +315,41 @@ def _entropy(counts: collections.Counter[int], total: int) -> float:
 
 
 def multimodal_encoder(
-    config: ml_collections.ConfigDict, tokenizer: Tokenizer, spec: VisualSpec
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    spec: VisualSpec,
+    select: Callable[[Any], bool] | None = None,
 ) -> EncodeExample:
-    """The per-document step of the multimodal pipeline, with this config's budgets."""
+    """The per-document step of the multimodal pipeline, with this config's budgets (`select`:
+    the records it keeps, data/split.py)."""
     return EncodeExample(
         tokenizer,
         spec,
         seq_len=config.train.seq_len,
         patches_per_row=config.data.patches_per_row,
         images_per_row=config.data.images_per_row,
+        select=select,
     )
 
 
-def _multimodal_stats(source: Any, encode: EncodeExample) -> dict[str, Any]:
+def _multimodal_stats(
+    source: Any, encode: EncodeExample, held: EvalDocuments | None = None
+) -> dict[str, Any]:
     counts: collections.Counter[int] = collections.Counter()
-    docs = total = images = patches = 0
+    docs = total = images = patches = eval_docs = eval_total = 0
+    keep = held.train_select if held is not None else None
+    skipped = 0
     for i in range(len(source)):
-        ex = encode(source[i])
+        raw = source[i]
+        ex = encode(raw)
+        if keep is not None and not keep(raw):  # held out: evaluation's, counted apart
+            eval_docs, eval_total = (
+                eval_docs + bool(len(ex["tokens"])),
+                eval_total + len(ex["tokens"]),
+            )
+            continue
         if not len(ex["tokens"]):
+            skipped += 1
             continue
         docs += 1
         total += len(ex["tokens"])
@@ -235,10 +360,10 @@ def _multimodal_stats(source: Any, encode: EncodeExample) -> dict[str, Any]:
             break
     text = sum(counts.values())
     entropy = _entropy(counts, text)
-    return {
+    stats = {
         "records": len(source),
         "documents_read": docs,
-        "records_skipped": encode.skipped,
+        "records_skipped": skipped,
         "tokens": total,
         "text_tokens": text,
         "images": images,
@@ -246,16 +371,24 @@ def _multimodal_stats(source: Any, encode: EncodeExample) -> dict[str, Any]:
         "unigram_entropy_nats": entropy,
         "unigram_entropy_bits": entropy / math.log(2),
     }
+    if held is not None and keep is not None:
+        stats.update(eval_documents=eval_docs, eval_tokens=eval_total)
+    elif held is not None:
+        stats.update(_eval_counts(held.source, None, lambda raw: (encode(raw)["tokens"], "")))
+    return stats
 
 
 def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> PreparedData:
     data = config.data
     if data.kind == "digits":
         source = digits.DigitsSource("train", data.image_size, data.images_per_doc)
+        held = eval_documents(config, source)
         tokenizer = WordTokenizer(digits.WORDS)
     else:  # image_jsonl
         source = ImageTextJsonl(open_source("jsonl", data.path))
-        tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, document_text)
+        held = eval_documents(config, source)
+        keep = held.train_select if held is not None else None
+        tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, document_text, keep)
     spec = VisualSpec.of(config_schema.model_config(config))
     if tokenizer.vocab_size > min(spec.special_ids):
         raise config_schema.ConfigValueError(
@@ -264,7 +397,7 @@ def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> Prep
         )
     stats = _load_or_compute_stats(
         os.path.join(workdir, "data_stats.json"),
-        lambda: _multimodal_stats(source, multimodal_encoder(config, tokenizer, spec)),
+        lambda: _multimodal_stats(source, multimodal_encoder(config, tokenizer, spec), held),
     )
     if stats["documents_read"] == 0:
         raise config_schema.ConfigValueError(
@@ -272,7 +405,7 @@ def _prepare_multimodal(config: ml_collections.ConfigDict, workdir: str) -> Prep
             f"{config.train.seq_len}, data.patches_per_row={data.patches_per_row}, "
             f"data.images_per_row={data.images_per_row} are too small"
         )
-    return PreparedData(source, None, tokenizer, stats)
+    return PreparedData(source, None, tokenizer, stats, held)
 
 
 def _open_training_source(data: ml_collections.ConfigDict) -> Any:
@@ -301,17 +434,19 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> PreparedDat
         raise config_schema.ConfigValueError(str(e)) from None
     check_usable(source, data)
     decode = partial(decode_record, record_format=_record_format(data), text_key=data.text_key)
-    tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, decode)
+    held = eval_documents(config, source)
+    keep = held.train_select if held is not None else None
+    tokenizer = _tokenizer(data, workdir, _tokenizer_dir(config), source, decode, keep)
     with_reason = partial(
         decode_with_reason, record_format=_record_format(data), text_key=data.text_key
     )
     stats = _load_or_compute_stats(
         os.path.join(workdir, "data_stats.json"),
-        lambda: _corpus_stats(source, with_reason, tokenizer),
+        lambda: _corpus_stats(source, with_reason, tokenizer, held),
     )
     if stats["documents_read"] == 0:
         raise config_schema.ConfigValueError(
             f"data.path={data.path!r}: no record of {source!r} gives any token with this "
             f"tokenizer ({_reasons_text(stats.get('skip_reasons') or {})})"
         )
-    return PreparedData(source, decode, tokenizer, stats)
+    return PreparedData(source, decode, tokenizer, stats, held)

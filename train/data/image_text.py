@@ -41,8 +41,10 @@ class ImageFile:
             return np.asarray(im.convert("RGB"), np.uint8)
 
 
-def parse_document(raw: bytes | None, base_dir: str) -> dict[str, list[Any]]:
-    """{"parts": [str | ImageFile, ...]}; {"parts": []} (skipped downstream) for a bad line."""
+def parse_document(raw: bytes | None, base_dir: str) -> dict[str, Any]:
+    """{"parts": [str | ImageFile, ...], "line": raw without its line break}; {"parts": []}
+    (skipped downstream) for a bad line. The line is what the held-out split hashes
+    (data/split.py)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
         parts = obj["parts"] if "parts" in obj else [{"image": obj["image"]}, obj["text"]]
@@ -54,12 +56,12 @@ def parse_document(raw: bytes | None, base_dir: str) -> dict[str, list[Any]]:
                 out.append(ImageFile(os.path.join(base_dir, part["image"])))
             else:
                 return {"parts": []}
-        return {"parts": out}
+        return {"parts": out, "line": raw.rstrip(b"\r\n")}
     except (AttributeError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return {"parts": []}
 
 
-def document_text(record: dict[str, list[Any]]) -> str | None:
+def document_text(record: dict[str, Any]) -> str | None:
     """The document's text parts joined by newlines, or None when it has none."""
     text = "\n".join(p for p in record["parts"] if isinstance(p, str))
     return text if text.strip() else None
@@ -76,7 +78,7 @@ class ImageTextJsonl:
     def __len__(self) -> int:
         return len(self._lines)
 
-    def __getitem__(self, index: int) -> dict[str, list[Any]]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return parse_document(self._lines[index], self._dirs[self._lines.file_index(index)])
 
     def __repr__(self) -> str:

@@ -36,7 +36,7 @@ import qwen35_jax
 from qwen35_jax import distributed
 from train import config_schema
 from train.data.iterator import DataIterator, StateSnapshot, shard_plan
-from train.data.mixture import MixtureSource, SourceCounter, build_mixture_dataset
+from train.data.mixture import MixtureCounts, MixtureSource, build_mixture_dataset
 from train.data.multimodal import (
     MULTIMODAL_FIELDS,
     VisualSpec,
@@ -169,10 +169,12 @@ def input_pipeline(
         shard_count=d.num_shards,
         read_threads=d.read_threads,
     )
+    # the documents data/split.py holds out are evaluation.py's, never trained on
+    select = SplitSide(d.eval_fraction, held_out=False) if d.eval_fraction else None
     if d.kind in config_schema.MULTIMODAL_KINDS:
         model_cfg = model_cfg or config_schema.model_config(config)
         spec = VisualSpec.of(model_cfg)
-        encode = multimodal_encoder(config, prepared.tokenizer, spec)
+        encode = multimodal_encoder(config, prepared.tokenizer, spec, select)
         datasets = {
             p.shard: build_multimodal_dataset(
                 prepared.source,
@@ -186,14 +188,18 @@ def input_pipeline(
         }
         fields = MULTIMODAL_FIELDS
     else:
-        held_out = d.eval_fraction  # those documents are evaluation.py's, never trained on
-        select = SplitSide(held_out, held_out=False) if held_out else None
         encode = TokenizeRecord(prepared.decode, prepared.tokenizer, select)
         if isinstance(prepared.source, MixtureSource):  # data.mixture: data/mixture.py
-            counter = SourceCounter([e.name for e in prepared.source.entries])
+            names = [e.name for e in prepared.source.entries]
+            owned = [p.shard for p in plan if p.start == 0]  # each shard counted once
+            counter = MixtureCounts(names, [p.shard for p in plan], owned)
             datasets = {
                 p.shard: build_mixture_dataset(
-                    prepared.source, encode, counter, shard_index=p.shard, **common
+                    prepared.source,
+                    encode,
+                    counter.counters[p.shard],
+                    shard_index=p.shard,
+                    **common,
                 )
                 for p in plan
             }

@@ -12,7 +12,7 @@ State (`DataIterator.get_state`, JSON bytes; one file per process in a checkpoin
     {"layout": {"data.num_shards": S, "train.batch_size": B, ...},   what fixes the batches
      "shards": {"i": grain state of shard i, ...},                   the shards this process built
      "rows", "records", "skipped"}                                   this process's counters
-     "sources": {"docs": [...], "tokens": [...]}                     a mixture's (mixture.py)
+     "sources": {"shards": {"i": {"docs": [...], "tokens": [...]}}}  a mixture's, per shard
 
 `DataCheckpointHandler` (orbax) writes that file on save; on restore it reads every process's
 file, so a process finds the state of each of its shards whoever wrote it: a checkpoint of one
@@ -118,7 +118,7 @@ class DataIterator:
         self._encode = encode
         self._fields = dict(TEXT_FIELDS if fields is None else fields)
         self.layout = dict(layout or {})
-        self._counter = counter  # a mixture's per-source counts (mixture.SourceCounter)
+        self._counter = counter  # a mixture's per-source counts (mixture.MixtureCounts)
         self._its = {i: iter(ds) for i, ds in self._datasets.items()}
         self.rows = 0
 
@@ -146,8 +146,14 @@ class DataIterator:
     def records(self) -> int:
         return self._encode.records
 
+    @property
+    def source_counts(self) -> Any:
+        """A mixture's `mixture.MixtureCounts` (this process's shards), or None."""
+        return self._counter
+
     def source_metrics(self) -> dict[str, int]:
-        """A mixture's tokens per source (`source_tokens/<name>`); {} for one source."""
+        """A mixture's tokens per source over all processes (`source_tokens/<name>`; a
+        collective with several processes: all call it at the same step); {} for one source."""
         return self._counter.metrics() if self._counter is not None else {}
 
     def get_state(self) -> bytes:
@@ -222,7 +228,12 @@ def merge_states(files: dict[tuple[int, int], str], process: tuple[int, int]) ->
         }
     layout = next(iter(states.values())).get("layout", {}) if states else {}
     merged = {"layout": layout, "shards": shards, **counters}
-    if own is not None and "sources" in own:
+    sources = [s["sources"] for s in states.values() if "sources" in s]
+    if sources and all("shards" in s for s in sources):  # a mixture's counts, per shard
+        merged["sources"] = {"shards": {}}
+        for s in sources:
+            merged["sources"]["shards"].update(s["shards"])
+    elif own is not None and "sources" in own:  # the former per-process form
         merged["sources"] = own["sources"]
     return json.dumps(merged)
 

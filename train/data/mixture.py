@@ -9,13 +9,16 @@ seed + source index, repeated, tokenized; pipeline.example_stream), and grain's
 `IterDataset.mix` draws documents from them in proportion to the normalised weights,
 deterministically; the mixed documents are then packed like a single source. Grain's mix state
 (each stream's position and the draw count) is part of the iterator state saved with every
-checkpoint, so a resumed run continues the same stream.
+checkpoint, so a resumed run continues the same stream. Packing and batching are the
+single-source pipeline's (`pipeline.pack_rows`).
 
 Records are decoded per source (`MixtureSource` hands out their UTF-8 text, so the held-out split
 of data/split.py and the tokenizer see documents, whatever the kind). `SourceCounter` counts the
 documents and tokens each source contributed to the packed stream (after mixing: exact, not
-read-ahead), saved in the iterator state; the loop logs them as `source_tokens/<name>` (this
-process's rows; names `<index>_<kind>`).
+read-ahead), one counter per virtual shard, saved in the iterator state; the loop logs them as
+`source_tokens/<name>` (names `<index>_<kind>`): the global count, each shard counted once
+(`MixtureCounts`: by the process holding its first row, summed over processes), the same
+figures whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from train.data.pipeline import example_stream, pack_rows
 from train.data.sources import decode_record
 
 TEXT_KINDS = ("stdlib", "text", "jsonl", "arrayrecord", "parquet")
@@ -119,7 +125,7 @@ class TagSource:
 
 
 class SourceCounter:
-    """Counts documents and tokens per source as the mixed stream is consumed."""
+    """Counts documents and tokens per source as one virtual shard's mixed stream is consumed."""
 
     def __init__(self, names: Sequence[str]):
         self.names = list(names)
@@ -133,9 +139,6 @@ class SourceCounter:
             self.tokens[ex["source"]] += len(ex["tokens"])
         return {"tokens": ex["tokens"]}
 
-    def metrics(self) -> dict[str, int]:
-        return {f"source_tokens/{n}": t for n, t in zip(self.names, self.tokens, strict=True)}
-
     def get_state(self) -> dict[str, list[int]]:
         return {"docs": list(self.docs), "tokens": list(self.tokens)}
 
@@ -143,12 +146,61 @@ class SourceCounter:
         self.docs, self.tokens = list(state["docs"]), list(state["tokens"])
 
 
+class MixtureCounts:
+    """The per-source counts of the virtual shards this process builds, and their global sum.
+
+    Every shard is counted once: by the process that holds its first row (`owned`), though
+    several processes may build it (iterator.py: `shard_plan`); `metrics` sums the owned shards
+    over all processes (a collective: every process calls it at the same step), so the figures
+    equal a one-process run's on the same data. State: {"shards": {"i": SourceCounter state}}.
+    """
+
+    def __init__(self, names: Sequence[str], shards: Sequence[int], owned: Sequence[int]):
+        self.names = list(names)
+        self.counters = {i: SourceCounter(names) for i in shards}
+        self.owned = [i for i in shards if i in set(owned)]
+
+    def local_tokens(self) -> np.ndarray:
+        """Tokens per source of this process's owned shards, int64 [S]."""
+        out = np.zeros(len(self.names), np.int64)
+        for i in self.owned:
+            out += np.asarray(self.counters[i].tokens, np.int64)
+        return out
+
+    def metrics(self) -> dict[str, int]:
+        """`source_tokens/<name>`: tokens per source over all processes (a collective)."""
+        tokens = process_sum(self.local_tokens())
+        return {f"source_tokens/{n}": int(t) for n, t in zip(self.names, tokens, strict=True)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"shards": {str(i): c.get_state() for i, c in self.counters.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """This process's shards' counts; a state of the former per-process form (one "docs" /
+        "tokens" pair) goes to its first owned shard."""
+        if "shards" not in state:
+            state = {"shards": {str(i): state for i in self.owned[:1]}}
+        for i, counter in self.counters.items():
+            if str(i) in state["shards"]:
+                counter.set_state(state["shards"][str(i)])
+
+
+def process_sum(x_S: np.ndarray) -> np.ndarray:
+    """Sum of an int64 vector over processes (exact to 2^61: sent as two int32 digits of 2^30,
+    JAX keeps no int64 without x64)."""
+    if jax.process_count() == 1:
+        return x_S
+    digits_2S = np.stack([x_S >> 30, x_S & (2**30 - 1)]).astype(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(digits_2S), np.int64)
+    hi_S, lo_S = gathered.reshape(-1, *digits_2S.shape).sum(0)
+    return (hi_S << 30) + lo_S
+
+
 def mixed_examples(
     parts: Sequence[Any],
     weights: Sequence[float],
     encode: Any,
     counter: SourceCounter,
-    example_stream: Any,  # pipeline.example_stream
     *,
     seed: int,
     shard_index: int,
@@ -156,7 +208,8 @@ def mixed_examples(
     read_threads: int,
     prefetch: int,
 ) -> grain.IterDataset:
-    """One virtual shard's mixed document stream (module docstring)."""
+    """One virtual shard's mixed document stream (module docstring): each source through the
+    pipeline's own encode step (`pipeline.example_stream`), drawn by `IterDataset.mix`."""
     streams = [
         example_stream(
             part, TagSource(encode, i), seed + i, shard_index, shard_count, read_threads, prefetch
@@ -178,23 +231,17 @@ def build_mixture_dataset(
     shard_count: int = 1,
     read_threads: int = 1,
 ) -> grain.IterDataset:
-    """The packed, batched dataset of one virtual shard of a mixture (pipeline.build_dataset's
-    packing and batching over the mixed documents)."""
-    from grain.experimental import ConcatThenSplitIterDataset  # noqa: PLC0415
-
-    from train.data.pipeline import example_stream  # noqa: PLC0415
-
+    """The packed, batched dataset of one virtual shard of a mixture (pipeline.pack_rows over
+    the mixed documents)."""
     examples = mixed_examples(
         source.parts,
         [e.weight for e in source.entries],
         tokenize,
         counter,
-        example_stream,
         seed=seed,
         shard_index=shard_index,
         shard_count=shard_count,
         read_threads=read_threads,
         prefetch=8 * rows_per_shard,
     )
-    packed = ConcatThenSplitIterDataset(examples, length_struct={"tokens": seq_len})
-    return packed.batch(rows_per_shard, drop_remainder=True)
+    return pack_rows(examples, seq_len, rows_per_shard)

@@ -37,6 +37,7 @@ checkpointable iterator are those of the text pipeline (iterator.py: `shard_plan
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +149,9 @@ def encode_document(
 
 class EncodeExample:
     """record -> encoded document, or {"tokens": []} (skipped and counted) when it is unusable
-    or does not fit an empty row. Counts records read and skipped, as `TokenizeRecord` does."""
+    or does not fit an empty row. Counts records read and skipped, as `TokenizeRecord` does;
+    `select` (optional, a predicate on the record: data/split.py) drops the records it refuses
+    before any image is decoded, counted as `held_out`."""
 
     def __init__(
         self,
@@ -158,14 +161,21 @@ class EncodeExample:
         seq_len: int,
         patches_per_row: int,
         images_per_row: int,
+        select: Callable[[Any], bool] | None = None,
     ):
         self._tokenizer, self._spec = tokenizer, spec
         self._limits = {"tokens": seq_len, "pixels": patches_per_row, "grids": images_per_row}
+        self._select = select
         self._lock = threading.Lock()
         self.records = 0
         self.skipped = 0
+        self.held_out = 0
 
     def __call__(self, raw: Any) -> dict[str, np.ndarray]:
+        if self._select is not None and not self._select(raw):
+            with self._lock:
+                self.held_out += 1
+            return {"tokens": np.zeros((0,), np.int32)}
         try:
             ex = encode_document(
                 list(raw["parts"]),
@@ -202,6 +212,27 @@ def build_multimodal_dataset(
     examples = example_stream(
         source, encode, seed, shard_index, shard_count, read_threads, 8 * rows_per_shard
     )
+    return pack_documents(
+        examples,
+        seq_len=seq_len,
+        patches_per_row=patches_per_row,
+        images_per_row=images_per_row,
+        rows=rows_per_shard,
+        seed=seed,
+    )
+
+
+def pack_documents(
+    examples: grain.IterDataset,
+    *,
+    seq_len: int,
+    patches_per_row: int,
+    images_per_row: int,
+    rows: int,
+    seed: int,
+) -> grain.IterDataset:
+    """First-fit packing of encoded documents into `rows` rows per batch (module docstring; a
+    last partial batch is dropped): the training pipeline's and held-out evaluation's."""
     lengths = {
         "tokens": seq_len,
         "loss_mask": seq_len,
@@ -211,11 +242,11 @@ def build_multimodal_dataset(
     packed = FirstFitPackIterDataset(
         examples,
         length_struct=lengths,
-        num_packing_bins=rows_per_shard,
+        num_packing_bins=rows,
         seed=seed,
         shuffle_bins=False,
     )
-    return packed.batch(rows_per_shard, drop_remainder=True)
+    return packed.batch(rows, drop_remainder=True)
 
 
 def batch_shapes(

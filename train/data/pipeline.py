@@ -89,8 +89,14 @@ def build_dataset(
     examples = example_stream(
         source, tokenize, seed, shard_index, shard_count, read_threads, 8 * rows_per_shard
     )
+    return pack_rows(examples, seq_len, rows_per_shard)
+
+
+def pack_rows(examples: grain.IterDataset, seq_len: int, rows: int) -> grain.IterDataset:
+    """Concat-then-split packing into rows of `seq_len` tokens, `rows` rows per batch (a last
+    partial batch is dropped): the training pipeline's, a mixture's and held-out evaluation's."""
     packed = ConcatThenSplitIterDataset(examples, length_struct={"tokens": seq_len})
-    return packed.batch(rows_per_shard, drop_remainder=True)
+    return packed.batch(rows, drop_remainder=True)
 
 
 def example_stream(
