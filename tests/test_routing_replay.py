@@ -177,7 +177,8 @@ def test_forced_experts_match_numpy_and_train_the_router():
 
 
 def test_expert_parallel_replay_equals_one_device():
-    """8 devices (fsdp=4, expert=2), all-to-all dispatch with forced experts = one device."""
+    """8 devices (fsdp=4, expert=2), all-to-all dispatch with forced experts = one device
+    (there with remat): values and router gradients."""
     config = _config(mtp_num_hidden_layers=0)
     params = q.init_params(config, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (8, 8), 0, config.text_config.vocab_size)
@@ -188,7 +189,7 @@ def test_expert_parallel_replay_equals_one_device():
         out = q.apply(config, p, ids, routing=routing, runtime=runtime)
         return jnp.mean(out.logits**2), out.logits
 
-    runtime = q.Runtime()
+    runtime = q.Runtime(remat_policy="full")  # the rematerialised scans carry the ids too
     step = jax.jit(jax.value_and_grad(loss, has_aux=True))
     (l0, logits0), g0 = step.lower(moved, ids, rec).compile(FAST)(moved, ids, rec)
     mesh = sharding.make_mesh(fsdp=4, expert=2)
