@@ -14,6 +14,8 @@ Public API (stable; later modules and the tests use exactly these names):
             pixel_values_videos=None, video_grid_thw=None) -> logits [B, T, vocab]
     apply(config, params, input_ids, ...) -> ModelOutput(logits, hidden, aux_loss,
             expert_load, mtp_logits, mtp_hidden)       what training needs
+    Routing(experts [L, B, T, k], mtp_experts)         MoE routing replay: apply(...,
+                                                       routing=, return_routing=True)
     lm_head_weights(config, params) -> [D, vocab]      the output projection (tied or not)
     abstract_params(config) -> shapes with logical axis names (jax.eval_shape, no FLOPs)
     process_images(images, **kw), process_videos(videos, **kw) -> pixel arrays and grids
@@ -52,6 +54,7 @@ from qwen35_jax.hf_config import from_hf as config_from_hf
 from qwen35_jax.hf_config import to_hf as config_to_hf
 from qwen35_jax.model import (
     ModelOutput,
+    Routing,
     abstract_params,
     apply,
     forward,
@@ -70,6 +73,7 @@ __all__ = [
     "GenerateOutput",
     "ModelOutput",
     "Qwen35Config",
+    "Routing",
     "Runtime",
     "TextConfig",
     "VisionConfig",

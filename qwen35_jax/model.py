@@ -22,6 +22,13 @@ Parameter tree (ours -> Hugging Face):
     visual/...                              <- model.visual.*   (see vision.py; when the
                                                config has a vision_config)
 Compile time does not grow with depth: the stacks are nn.scan loops over stacked parameters.
+
+MoE routing replay (`Routing`; RL's `rl.routing_replay`): `apply(..., return_routing=True)`
+returns every MoE layer's own top-k expert ids, [L, B, T, k] int32 in layer order (and the MoE
+MTP head's, [mtp layers, B, T, k], when it runs); `apply(..., routing=Routing(...))` forces
+those ids instead of each router's top-k, the combine weights recomputed from the current
+router (`layers/moe.py`). The ids travel through the block scans as xs (the blocks' layers
+[nb, interval, ...] then the tail's). Without either argument the program is the one it was.
 """
 
 from __future__ import annotations
@@ -60,6 +67,13 @@ from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.vision import VisionTower, vision_rope_theta
 
 
+class Routing(NamedTuple):
+    """MoE expert ids per layer and token (routing replay; see the module docstring)."""
+
+    experts: jax.Array  # [L, B, T, k] int32: the main layers, in layer order
+    mtp_experts: jax.Array | None = None  # [mtp layers, B, T, k] int32 (the MoE MTP head)
+
+
 class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] float32 (None when return_logits=False)
     hidden: jax.Array  # [B, T, D] final hidden state, after the final norm
@@ -72,6 +86,8 @@ class ModelOutput(NamedTuple):
     # MoE MTP head (when return_mtp): its own load-balancing loss and expert load
     mtp_aux_loss: jax.Array | None = None  # scalar, unscaled
     mtp_expert_load: jax.Array | None = None  # [mtp layers, E]
+    # return_routing: the routers' own top-k ids (with a forced routing: what they would pick)
+    routing: Routing | None = None
 
 
 def document_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -102,6 +118,8 @@ class Qwen35TextModel(RuntimeDtypes, nn.Module):
         return_logits: bool = True,
         return_mtp: bool = False,
         vision: VisionInputs | None = None,
+        routing: Routing | None = None,
+        return_routing: bool = False,
     ) -> ModelOutput:
         cfg, rt = self.config, self.runtime
         c = cfg.text_config
@@ -130,14 +148,29 @@ class Qwen35TextModel(RuntimeDtypes, nn.Module):
         )
 
         stats = []  # RouterStats with a leading layer axis, in layer order (MoE only)
+        rec = return_routing
+        forced_LBTk = None if routing is None else routing.experts
+        n_block_layers = c.num_blocks * c.full_attention_interval
         if c.num_blocks:
-            blocks = scanned_layers(Block, c.num_blocks, "layers")
-            x_BTD, block_stats = blocks(c, rt, name="blocks")(x_BTD, ctx)  # [nb, interval, ...]
+            args, in_axes = (ctx,), (nn.broadcast,)
+            if forced_LBTk is not None:
+                block_LBTk = forced_LBTk[:n_block_layers]
+                block_LBTk = block_LBTk.reshape(c.num_blocks, -1, *block_LBTk.shape[1:])
+                args, in_axes = (ctx, block_LBTk), (nn.broadcast, 0)
+            blocks = scanned_layers(Block, c.num_blocks, "layers", in_axes)
+            blocks = blocks(c, rt, record_routing=rec, name="blocks")
+            x_BTD, block_stats = blocks(x_BTD, *args)  # [nb, interval, ...]
             if block_stats is not None:
                 stats.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), block_stats))
         if c.num_tail_layers:
-            tail = scanned_layers(layer_class(rt.remat_policy), c.num_tail_layers, "layers")
-            x_BTD, tail_stats = tail(c, LINEAR, rt, name="tail_layers")(x_BTD, ctx)
+            args, in_axes = (ctx,), (nn.broadcast,)
+            if forced_LBTk is not None:  # the layer's (ctx, cache, routing)
+                args = (ctx, None, forced_LBTk[n_block_layers:])
+                in_axes = (nn.broadcast, nn.broadcast, 0)
+            tail_cls = layer_class(rt.remat_policy)
+            tail = scanned_layers(tail_cls, c.num_tail_layers, "layers", in_axes)
+            tail = tail(c, LINEAR, rt, record_routing=rec, name="tail_layers")
+            x_BTD, tail_stats = tail(x_BTD, *args)
             if tail_stats is not None:
                 stats.append(tail_stats)
         hidden_BTD = RMSNorm(c.rms_norm_eps, param_dtype, name="norm")(x_BTD)
@@ -158,19 +191,29 @@ class Qwen35TextModel(RuntimeDtypes, nn.Module):
             )
 
         logits = logits_of(hidden_BTD) if return_logits else None
-        aux_loss, expert_load, dropped = _moe_statistics(c, concat_layers(stats) if stats else None)
+        all_stats = concat_layers(stats) if stats else None
+        aux_loss, expert_load, dropped = _moe_statistics(c, all_stats)
 
         mtp_logits = mtp_hidden_BTD = mtp_aux = mtp_load = None
+        mtp_stats = None
         if c.mtp_num_hidden_layers and (return_mtp or self.is_initializing()):
             next_ids_BT = jnp.concatenate(
                 [input_ids_BT[:, 1:], jnp.zeros_like(input_ids_BT[:, :1])], axis=1
             )
             next_embed_BTD = jnp.take(embed_VD, next_ids_BT, axis=0).astype(dtype)
-            mtp_hidden_BTD, mtp_stats = MTPHead(c, rt, name="mtp")(hidden_BTD, next_embed_BTD, ctx)
+            mtp = MTPHead(c, rt, record_routing=rec, name="mtp")
+            mtp_forced = None if routing is None else routing.mtp_experts
+            mtp_hidden_BTD, mtp_stats = mtp(
+                hidden_BTD, next_embed_BTD, ctx, routing_LBTk=mtp_forced
+            )
             mtp_logits = logits_of(mtp_hidden_BTD) if return_logits else None
             if mtp_stats is not None:
                 mtp_aux, mtp_load, mtp_dropped = _moe_statistics(c, mtp_stats)
                 dropped = dropped + mtp_dropped
+        routing_out = None
+        if return_routing and all_stats is not None:
+            mtp_experts = None if mtp_stats is None else mtp_stats.experts
+            routing_out = Routing(all_stats.experts, mtp_experts)
         return ModelOutput(
             logits,
             hidden_BTD,
@@ -181,6 +224,7 @@ class Qwen35TextModel(RuntimeDtypes, nn.Module):
             dropped,
             mtp_aux,
             mtp_load,
+            routing_out,
         )
 
 
@@ -251,6 +295,8 @@ def apply(
     pixel_values_videos: jax.Array | None = None,
     video_grid_thw: jax.Array | None = None,
     runtime: Runtime | None = None,
+    routing: Routing | None = None,
+    return_routing: bool = False,
 ) -> ModelOutput:
     """The full model: logits, final hidden states, MoE aux loss and expert load, MTP logits.
 
@@ -267,10 +313,15 @@ def apply(
     return_logits=False skips both heads' [B, T, V] logits (hidden and mtp_hidden are still
     returned): a loss can then project chunks of tokens itself with `lm_head_weights`.
     runtime: how to run (dtypes, remat, kernel sizes, MoE dispatch); None = `Runtime()`.
+    routing (MoE): forced expert ids, `Routing(experts [L, B, T, k], mtp_experts)`; the MTP
+    head routes itself when mtp_experts is None. return_routing (MoE): `ModelOutput.routing`
+    holds each router's own top-k ids (module docstring).
     """
     input_ids = jnp.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if routing is not None or return_routing:
+        check_routing(config, routing, input_ids.shape)
     if segment_ids is None:
         segment_ids_BT = jnp.ones_like(input_ids, dtype=jnp.int32)
         default_positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -314,7 +365,28 @@ def apply(
         return_logits=return_logits,
         return_mtp=return_mtp,
         vision=vision,
+        routing=routing,
+        return_routing=return_routing,
     )
+
+
+def check_routing(config: Qwen35Config, routing: Routing | None, shape_BT: tuple) -> None:
+    """A routing argument fits the model and the batch (one-line ValueError otherwise)."""
+    c = config.text_config
+    if not c.is_moe:
+        raise ValueError("routing= / return_routing=True need an MoE model (num_experts > 0)")
+    if routing is None:
+        return
+    parts = [("routing.experts", routing.experts, c.num_hidden_layers)]
+    if routing.mtp_experts is not None:
+        parts.append(("routing.mtp_experts", routing.mtp_experts, c.mtp_num_hidden_layers))
+    for name, arr, layers in parts:
+        want = (layers, *shape_BT, c.num_experts_per_tok)
+        if tuple(jnp.shape(arr)) != want or not jnp.issubdtype(jnp.result_type(arr), jnp.integer):
+            raise ValueError(
+                f"{name} must be integer expert ids of shape [layers, B, T, k] = {want}, "
+                f"got {jnp.result_type(arr)}{list(jnp.shape(arr))}"
+            )
 
 
 def lm_head_weights(config: Qwen35Config, params: dict) -> jax.Array:
@@ -337,6 +409,7 @@ def forward(
     pixel_values_videos: jax.Array | None = None,
     video_grid_thw: jax.Array | None = None,
     runtime: Runtime | None = None,
+    routing: Routing | None = None,
 ) -> jax.Array:
     """Logits [B, T, vocab] (float32). See `apply` for the arguments."""
     return apply(
@@ -351,4 +424,5 @@ def forward(
         pixel_values_videos=pixel_values_videos,
         video_grid_thw=video_grid_thw,
         runtime=runtime,
+        routing=routing,
     ).logits

@@ -11,6 +11,9 @@ Decoding (speculative drafting, `generate/speculative.py`): `caches` (one `KVCac
 layer, [B, G, S, H]) or `return_cache=True` (a prefill) makes the call also return each layer's
 keys/values of the T tokens, as `DecoderLayer` does; `ctx` then carries the decode mask.
 
+MoE models: the MTP layer's FFN is MoE too, so it records / replays its routing like the main
+layers (`record_routing`, `routing_LBTk` [mtp layers, B, T, k]; `layers/moe.py`).
+
 Parameter names (ours -> Hugging Face `mtp.*`):
     fc [2D, D] <- fc.weight [D, 2D];   pre_fc_norm_embedding/scale, pre_fc_norm_hidden/scale,
     norm/scale <- *.weight;            layers_{i}/... <- layers.{i}.* (a full-attention layer)
@@ -33,6 +36,7 @@ from qwen35_jax.runtime import Runtime
 class MTPHead(RuntimeDtypes, nn.Module):
     config: TextConfig
     runtime: Runtime = Runtime()
+    record_routing: bool = False
 
     @nn.compact
     def __call__(
@@ -43,6 +47,7 @@ class MTPHead(RuntimeDtypes, nn.Module):
         caches: tuple | None = None,
         *,
         return_cache: bool = False,
+        routing_LBTk: jax.Array | None = None,
     ) -> tuple[jax.Array, RouterStats | None] | tuple[jax.Array, RouterStats | None, tuple]:
         """(out_BTD, the MoE layers' router statistics [mtp layers, ...]; None when dense
         [, the layers' new-token KVCaches when decoding])."""
@@ -55,13 +60,17 @@ class MTPHead(RuntimeDtypes, nn.Module):
         stats, new_caches = [], []
         decoding = caches is not None or return_cache
         for i in range(c.mtp_num_hidden_layers):
-            layer = DecoderLayer(c, FULL, self.runtime, name=f"layers_{i}")
+            layer = DecoderLayer(
+                c, FULL, self.runtime, record_routing=self.record_routing, name=f"layers_{i}"
+            )
             if decoding:
                 cache = None if caches is None else caches[i]
                 x_BTD, layer_stats, kv = layer(x_BTD, ctx, cache, return_cache=return_cache)
                 new_caches.append(kv)
-            else:
+            elif routing_LBTk is None:
                 x_BTD, layer_stats = layer(x_BTD, ctx)
+            else:
+                x_BTD, layer_stats = layer(x_BTD, ctx, None, routing_LBTk[i])
             if layer_stats is not None:
                 stats.append(jax.tree.map(lambda a: a[None], layer_stats))
         out_BTD = RMSNorm(eps, self.param_dtype, name="norm")(x_BTD)

@@ -16,6 +16,12 @@ Decoding: `layer(x, ctx, cache)` continues each row from its cache (a `GDNCache`
 `layer(x, ctx, return_cache=True)` is a prefill; both return (x, stats, new cache): the GDN
 layer's new state and windows, the attention layer's keys/values of the T new tokens (the
 caller writes them into its cache). The stacks over layers live in `qwen35_jax/decode.py`.
+
+Routing replay (MoE): `record_routing=True` (a module field, so the default program is
+unchanged) fills `RouterStats.experts` [B, T, k] with the router's own top-k, and a forced
+`routing_BTk` (4th positional argument: the scans pass it as xs) replaces the top-k
+(`moe.py`). Through the scans both are stacked per layer like the statistics,
+[layers, B, T, k] int32, in layer order.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
     config: TextConfig
     kind: str  # LINEAR or FULL
     runtime: Runtime = Runtime()
+    record_routing: bool = False
 
     @nn.compact
     def __call__(
@@ -64,12 +71,14 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
         x_BTD: jax.Array,
         ctx: LayerContext,
         cache=None,
+        routing_BTk: jax.Array | None = None,
         *,
         return_cache: bool = False,
         every_position: bool = False,
     ) -> tuple[jax.Array, RouterStats | None] | tuple[jax.Array, RouterStats | None, tuple]:
         """(x_BTD, the MoE router statistics (None for a dense FFN)[, the layer's new cache]).
-        every_position: a GDN layer's cache after every new token (`GatedDeltaNet`)."""
+        every_position: a GDN layer's cache after every new token (`GatedDeltaNet`).
+        routing_BTk: forced expert ids of the MoE FFN (routing replay)."""
         c, rt = self.config, self.runtime
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x_BTD)
         decoding = cache is not None or return_cache
@@ -95,7 +104,8 @@ class DecoderLayer(RuntimeDtypes, nn.Module):
 
         h_BTD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x_BTD)
         if c.is_moe:
-            h_BTD, stats = MoE(c, rt, name="mlp")(h_BTD, ctx.valid_BT)
+            moe = MoE(c, rt, record_routing=self.record_routing, name="mlp")
+            h_BTD, stats = moe(h_BTD, ctx.valid_BT, routing_BTk)
         else:
             mlp = MLP(c.hidden_size, c.intermediate_size, self.dtype, self.param_dtype, name="mlp")
             h_BTD, stats = mlp(h_BTD), None
@@ -113,13 +123,16 @@ def layer_class(remat_policy: str) -> type[nn.Module]:
     return nn.remat(DecoderLayer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
 
 
-def scanned_layers(layer_cls: type[nn.Module], length: int, axis_name: str) -> type[nn.Module]:
-    """`length` identical layers applied in sequence by nn.scan; params stacked on axis 0."""
+def scanned_layers(
+    layer_cls: type[nn.Module], length: int, axis_name: str, in_axes: tuple = (nn.broadcast,)
+) -> type[nn.Module]:
+    """`length` identical layers applied in sequence by nn.scan; params stacked on axis 0.
+    in_axes: of the arguments after the carry (the context broadcast; a forced routing 0)."""
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,),
+        in_axes=in_axes,
         length=length,
         metadata_params={nn.PARTITION_NAME: axis_name},
     )
@@ -130,19 +143,31 @@ class Block(nn.Module):
 
     config: TextConfig
     runtime: Runtime = Runtime()
+    record_routing: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, ctx: LayerContext) -> tuple[jax.Array, RouterStats | None]:
-        """(x_BTD, router statistics [interval, ...] in layer order; None when dense)."""
-        c, rt = self.config, self.runtime
+    def __call__(
+        self, x_BTD: jax.Array, ctx: LayerContext, routing_LBTk: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """(x_BTD, router statistics [interval, ...] in layer order; None when dense).
+        routing_LBTk: forced expert ids of the block's interval layers, in layer order."""
+        c, rt, rec = self.config, self.runtime, self.record_routing
         cls = layer_class(rt.remat_policy)
         n_linear = c.full_attention_interval - 1
         per_layer = []
         if n_linear:
-            stack = scanned_layers(cls, n_linear, "sublayers")
-            x_BTD, linear_stats = stack(c, LINEAR, rt, name="linear_layers")(x_BTD, ctx)
+            if routing_LBTk is None:
+                stack = scanned_layers(cls, n_linear, "sublayers")
+                args = (ctx,)
+            else:  # the layer's (ctx, cache, routing): routing scanned
+                stack = scanned_layers(cls, n_linear, "sublayers", (nn.broadcast, nn.broadcast, 0))
+                args = (ctx, None, routing_LBTk[:n_linear])
+            stack = stack(c, LINEAR, rt, record_routing=rec, name="linear_layers")
+            x_BTD, linear_stats = stack(x_BTD, *args)
             per_layer.append(linear_stats)
-        x_BTD, full_stats = cls(c, FULL, rt, name="full_layer")(x_BTD, ctx)
+        full = cls(c, FULL, rt, record_routing=rec, name="full_layer")
+        args = (ctx,) if routing_LBTk is None else (ctx, None, routing_LBTk[n_linear])
+        x_BTD, full_stats = full(x_BTD, *args)
         if full_stats is None:
             return x_BTD, None
         per_layer.append(jax.tree.map(lambda a: a[None], full_stats))

@@ -14,6 +14,18 @@ Under a mesh of several devices (`jax.set_mesh`) each device instead runs its ow
 travel to the devices that own their experts by all-to-all (dropless by default; an optional
 capacity factor drops and counts overflowing rows).
 
+Routing replay (RL, `train/rl/replay.py`): `MoE(..., record_routing=True)` also returns the
+router's own top-k ids e_Ak in `RouterStats.experts` [B, T, k] int32 (in top-k order), and a
+forced `routing_BTk` replaces the top-k: the layer then runs those experts with
+    w_Ak = p_A[e_Ak] / sum_k p_A[e_Ak]        the current router's probabilities at the given ids
+which is Hugging Face's routing (`Qwen3_5MoeTopKRouter`: softmax over all experts in float32,
+top-k, always renormalised; Qwen3.5 has no `norm_topk_prob` switch) with the top-k choice
+frozen: when the given ids are the router's own top-k, w is bit-identical to normal routing,
+and the router still receives gradients through w. With a forced routing, `experts` holds
+the router's own top-k (what it would have chosen), so a caller can count changed decisions;
+the load statistics below count the experts that ran. The expert-parallel dispatch takes
+whichever ids it is given.
+
 Load-balancing statistics (`RouterStats`; Switch-style, as Hugging Face's
 `load_balancing_loss_func`): per layer the count of top-k assignments per expert and the sum
 of router probabilities per expert over non-padding tokens; the model pools them over layers
@@ -52,13 +64,23 @@ class RouterStats(NamedTuple):
     router_prob_sum: jax.Array  # [E] sum of router probabilities over valid tokens
     num_tokens: jax.Array  # [] valid tokens
     dropped_tokens: jax.Array  # [] routed (token, expert) rows dropped by the capacity
+    # [B, T, k] int32: the router's own top-k ids (only with record_routing; else None)
+    experts: jax.Array | None = None
 
 
-def route(x_AD: jax.Array, router_DE: jax.Array, k: int) -> tuple[jax.Array, ...]:
-    """Router probabilities [A, E] and the renormalised top-k weights and experts [A, k]."""
+def route(
+    x_AD: jax.Array, router_DE: jax.Array, k: int, experts_Ak: jax.Array | None = None
+) -> tuple[jax.Array, ...]:
+    """Router probabilities [A, E] and the renormalised top-k weights and experts [A, k].
+
+    experts_Ak (routing replay): use these ids instead of the top-k; their weights are the
+    current probabilities at them, renormalised (module docstring)."""
     logits_AE = jnp.dot(x_AD.astype(jnp.float32), router_DE.astype(jnp.float32))
     probs_AE = jax.nn.softmax(logits_AE, axis=-1)
-    weights_Ak, experts_Ak = jax.lax.top_k(probs_AE, k)
+    if experts_Ak is None:
+        weights_Ak, experts_Ak = jax.lax.top_k(probs_AE, k)
+    else:
+        weights_Ak = jnp.take_along_axis(probs_AE, experts_Ak, axis=-1)
     weights_Ak = weights_Ak / jnp.sum(weights_Ak, axis=-1, keepdims=True)
     return probs_AE, weights_Ak, experts_Ak
 
@@ -90,13 +112,17 @@ def grouped_experts(
 
 class MoE(RuntimeDtypes, nn.Module):
     """Router, routed experts and gated shared expert. Dispatch: `runtime.moe_dispatch` and
-    `runtime.moe_capacity_factor` (see `moe_dispatch`)."""
+    `runtime.moe_capacity_factor` (see `moe_dispatch`). record_routing: fill
+    `RouterStats.experts`; routing_BTk: forced expert ids (routing replay)."""
 
     config: TextConfig
     runtime: Runtime = Runtime()
+    record_routing: bool = False
 
     @nn.compact
-    def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array) -> tuple[jax.Array, RouterStats]:
+    def __call__(
+        self, x_BTD: jax.Array, valid_BT: jax.Array, routing_BTk: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterStats]:
         c = self.config
         d, e = c.hidden_size, c.num_experts
         b, t, _ = x_BTD.shape
@@ -108,7 +134,8 @@ class MoE(RuntimeDtypes, nn.Module):
         x_BTD = x_BTD.astype(self.dtype)
         x_AD = x_BTD.reshape(b * t, d)
         k = c.num_experts_per_tok
-        probs_AE, weights_Ak, experts_Ak = route(x_AD, router_DE, k)
+        forced_Ak = None if routing_BTk is None else routing_BTk.reshape(b * t, k)
+        probs_AE, weights_Ak, experts_Ak = route(x_AD, router_DE, k, forced_Ak)
         routed_BTD, dropped = experts(
             x_BTD, weights_Ak.reshape(b, t, k), experts_Ak.reshape(b, t, k), valid_BT
         )
@@ -132,6 +159,9 @@ class MoE(RuntimeDtypes, nn.Module):
             num_tokens=jnp.sum(valid_A),
             dropped_tokens=dropped,
         )
+        if self.record_routing:
+            own_Ak = experts_Ak if forced_Ak is None else jax.lax.top_k(probs_AE, k)[1]
+            stats = stats._replace(experts=own_Ak.astype(jnp.int32).reshape(b, t, k))
         return y_BTD, stats
 
 

@@ -59,6 +59,9 @@ def rl_section() -> ml_collections.ConfigDict:
             eval_every=10,  # held-out greedy exact-match accuracy; 0 = never
             eval_examples=200,
             mtp_lambda=0.0,  # MTP loss on the generated sequences (the drafter follows)
+            # MoE only: every policy forward of a step's updates reuses the experts of the
+            # rollout (recorded in a forward with the pre-update params; train/rl/replay.py)
+            routing_replay=False,
         )
     )
 
@@ -119,6 +122,8 @@ def validate(config: ml_collections.ConfigDict):
         _fail("rl.overlong_buffer", rl.overlong_buffer, "must be in (0, rl.max_new_tokens)")
     if rl.mtp_lambda > 0 and not model.text_config.mtp_num_hidden_layers:
         _fail("rl.mtp_lambda", rl.mtp_lambda, "needs a model with an MTP head")
+    if rl.routing_replay and not model.text_config.is_moe:
+        _fail("rl.routing_replay", rl.routing_replay, "needs an MoE model (num_experts > 0)")
     if model.text_config.eos_token_id is None:
         _fail("model.text_config.eos_token_id", None, "must be set: rollouts stop at it")
     return model

@@ -9,6 +9,7 @@
           with state.params (the arrays being trained: no copy), rng fold_in(seed, s, attempt);
           rewards, overlong shaping, dynamic sampling            rollout.py
         old_logp: generate's log-probs (temperature 1) or recomputed (update.sequence_logp);
+          rl.routing_replay: the experts recorded in that pass (or an extra one)  replay.py
           ref_logp from the frozen reference copy when rl.beta > 0
         advantages per group                                     advantages.py
         rl.num_iterations x rl.num_minibatches jitted updates    update.py (state donated)
@@ -42,7 +43,7 @@ from train.data.tokenizers import Tokenizer, load_tokenizer
 from train.metrics import MetricsLogger, format_duration
 from train.optimizer import make_optimizer
 from train.prepare import write_atomic
-from train.rl import envs, rewards, rollout, tasks
+from train.rl import envs, replay, rewards, rollout, tasks
 from train.rl.advantages import group_advantages
 from train.rl.config import resolved
 from train.rl.update import make_update, sequence_logp
@@ -90,6 +91,8 @@ class RLMetricsLogger(MetricsLogger):
             f"len {row['response_len_mean']:.1f}",
             f"ent {row['entropy']:.3f}",
         ]
+        if "routing_changed_frac" in row:
+            parts.append(f"routing changed {100 * row['routing_changed_frac']:.2f}%")
         if row.get("dropped_frac"):
             parts.append(f"dropped {100 * row['dropped_frac']:.0f}%")
         if row.get("reward_errors"):
@@ -191,6 +194,15 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     full = batch_shardings(mesh, {"ids": (rows, width)})["ids"]
     key_sharding = {"ids": "ids", "valid": "ids", "mask": "mask", "old_logp": "mask"}
     key_sharding.update(ref_logp="mask", adv="adv")
+    if rl["routing_replay"]:  # the rollout's experts [B, L, W, k] (train/rl/replay.py)
+        bs["routing"] = batch_shardings(
+            mesh, {"routing": replay.routing_shape(model_cfg, mb, width)}
+        )["routing"]
+        key_sharding["routing"] = "routing"
+        record_fn = jax.jit(
+            lambda p, i, v: replay.record(model_cfg, p, i, v, runtime=runtime),
+            out_shardings=replicated,
+        )
     update_fn = jax.jit(
         make_update(model_cfg, tx, schedule, rl, runtime=runtime),
         in_shardings=(
@@ -266,7 +278,13 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 "adv": adv_B.astype(np.float32),
             }
             t1 = time.perf_counter()
-            if recompute:
+            if rl["routing_replay"]:  # one forward with the pre-update params records both
+                logp, batch["routing"] = jax.device_get(
+                    record_fn(state.params, _put(ro.ids_BW, full), _put(ro.valid_BW, full))
+                )
+                if recompute:
+                    batch["old_logp"] = np.asarray(logp) * ro.mask_BT
+            elif recompute:
                 batch["old_logp"] = (
                     np.asarray(
                         logp_fn(state.params, _put(ro.ids_BW, full), _put(ro.valid_BW, full))

@@ -9,6 +9,8 @@ gradient of `losses.policy_loss` (plus `rl.mtp_lambda` x the MTP cross-entropy o
 generated tokens, and the MoE load-balancing loss as in pretraining) and applies the trainer's
 optimizer (train/optimizer.py) to the TrainState (train/state.py); a non-finite loss or
 gradient leaves the state unchanged but for `step` and `skipped`.
+With `rl.routing_replay` the batch carries the rollout's experts (`routing`, [B, L, W, k]) and
+every policy forward replays them (train/rl/replay.py; metric routing_changed_frac).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import optax
 
 import qwen35_jax
 from train.integrity import all_finite
+from train.rl import replay
 from train.rl.losses import policy_loss
 from train.state import TrainState
 
@@ -32,10 +35,20 @@ def _logp_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arr
     return logp_BT, entropy_BT
 
 
-def forward_logp(model_cfg, params, ids_BW, valid_BW, *, runtime=None, mtp: bool = False):
-    """(logp_BT, entropy_BT, model output) of the module docstring."""
+def forward_logp(
+    model_cfg, params, ids_BW, valid_BW, *, runtime=None, mtp: bool = False, routing=None
+):
+    """(logp_BT, entropy_BT, model output) of the module docstring. routing: replayed experts
+    [B, L, W, k] (the output then holds the routers' own top-k)."""
     out = qwen35_jax.apply(
-        model_cfg, params, ids_BW, attention_mask=valid_BW, return_mtp=mtp, runtime=runtime
+        model_cfg,
+        params,
+        ids_BW,
+        attention_mask=valid_BW,
+        return_mtp=mtp,
+        runtime=runtime,
+        routing=None if routing is None else replay.model_routing(routing),
+        return_routing=routing is not None,
     )
     logp_BT, entropy_BT = _logp_entropy(out.logits[:, :-1], ids_BW[:, 1:])
     return logp_BT, entropy_BT, out
@@ -54,15 +67,23 @@ def make_update(
     runtime: qwen35_jax.Runtime | None = None,
 ):
     """update(state, batch) -> (state, metrics); batch: ids, valid [B, W], mask, old_logp
-    (and ref_logp when rl beta > 0) [B, W-1], adv [B]."""
+    (and ref_logp when rl beta > 0) [B, W-1], adv [B] (and routing [B, L, W, k] when
+    rl.routing_replay)."""
     mtp = rl["mtp_lambda"] > 0
     aux_coef = (
         model_cfg.text_config.router_aux_loss_coef if model_cfg.text_config.num_experts else 0.0
     )
 
     def loss_fn(params, batch):
+        routing = batch.get("routing")  # rl.routing_replay: the rollout's experts
         logp_BT, entropy_BT, out = forward_logp(
-            model_cfg, params, batch["ids"], batch["valid"], runtime=runtime, mtp=mtp
+            model_cfg,
+            params,
+            batch["ids"],
+            batch["valid"],
+            runtime=runtime,
+            mtp=mtp,
+            routing=routing,
         )
         loss, m = policy_loss(
             logp_BT,
@@ -86,6 +107,10 @@ def make_update(
             mtp_loss = -jnp.sum(mtp_logp_BT * mtp_mask_BT) / jnp.maximum(jnp.sum(mtp_mask_BT), 1)
             loss = loss + rl["mtp_lambda"] * mtp_loss
             extra["mtp_loss"] = mtp_loss
+        if routing is not None:
+            extra["routing_changed_frac"] = replay.changed_fraction(
+                out.routing.experts, replay.model_routing(routing).experts, batch["valid"]
+            )
         if aux_coef:
             loss = loss + aux_coef * out.aux_loss
             extra["aux_loss"] = out.aux_loss
