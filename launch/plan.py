@@ -39,9 +39,9 @@ recipe on v5p-32 1.06 x with whole-row logits, 1.29 x with the row-chunked cross
 same per-chip step on 4 chips (fsdp=4, no collective-permutes) is 1.18 x; there the compiler's
 buffer assignment holds 69.4 GiB (0.94 x this figure; saved activations 50.1 GiB vs 50.6 here)
 and `memory_analysis` adds 17.9 GiB of temporaries outside it, which no traced term can see.
-The MoE recipes read 1.36-1.76 x before two fixes (bench/RESULTS.md, session 7): a [tokens, k, E]
-router one-hot all-gathered in every MoE layer (layers/moe.py, 4-20 GiB) and the MTP layer's
-residuals, which this planner counted under the remat policy (3-4 GiB); not re-measured after.
+The MoE recipes read 1.36-1.76 x before session 7 (bench/RESULTS.md), which added the MTP
+layer's full residuals (it is never rematerialised; 3-4 GiB): the 35b-a3b then reads 1.25 x,
+and its compiler temporaries exceed its dumped buffer assignment by 15.3 GiB (as above).
 Keep this figure under ~70% of HBM.
 """
 
