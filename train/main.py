@@ -18,6 +18,7 @@ import logging as std_logging
 import os
 import runpy
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from absl import app, flags, logging
@@ -169,7 +170,18 @@ def _exit_now(line: str) -> None:
     os._exit(1)
 
 
-def main(argv: list[str]) -> None:
+def cli_main(
+    argv: list[str],
+    validate: Callable[[Any], Any],
+    check_line: Callable[[Any], str],
+    runner: Callable[[], tuple[Callable[[Any, str], Any], tuple[type[BaseException], ...]]],
+) -> None:
+    """An entry point's main() (this module's, and `python -m train.rl`'s): quiet library logs,
+    the flags' checks, `validate(config)` before any compute (--check_config prints
+    `check_line(config)`), jax.distributed, the mesh's device count, the workdir lock, then
+    `run(config, workdir)` where `runner() -> (run, expected errors)` imports the loop only now.
+    Expected failures (those, a bad config, an unusable checkpoint, a held workdir, a full disk)
+    print one line (their traceback with --verbose)."""
     if not flags.FLAGS["verbosity"].present and not VERBOSE.value:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         # a failed restore leaves orbax's sibling reads as "Task exception was never
@@ -194,12 +206,9 @@ def main(argv: list[str]) -> None:
 
     config = CONFIG.value
     try:
-        config_schema.validate(config)
+        validate(config)
         if CHECK_CONFIG.value:
-            print(
-                f"config ok: {config.model.text_config.num_hidden_layers} layers, "
-                f"train.steps={config.train.steps}, workdir {WORKDIR.value}"
-            )
+            print(check_line(config))
             return
         import jax  # noqa: PLC0415
 
@@ -211,17 +220,17 @@ def main(argv: list[str]) -> None:
     except config_schema.ConfigValueError as e:
         sys.exit(f"error: invalid config: {e}")
 
-    from train import loop, workdir_lock  # noqa: PLC0415
+    from train import workdir_lock  # noqa: PLC0415
     from train.checkpointing import NoUsableCheckpointError  # noqa: PLC0415
 
+    run, expected = runner()
     try:
         with workdir_lock.hold(
             WORKDIR.value, process_index=jax.process_index(), processes=jax.process_count()
         ):
-            loop.run(config, WORKDIR.value)
+            run(config, WORKDIR.value)
     except (
-        loop.NonFiniteLossError,
-        loop.DivergedError,
+        *expected,
         config_schema.ConfigValueError,
         NoUsableCheckpointError,
         workdir_lock.WorkdirLockedError,
@@ -240,6 +249,24 @@ def main(argv: list[str]) -> None:
         )
     except KeyboardInterrupt:
         sys.exit("interrupted (second Ctrl-C): not saved; the last checkpoint is kept")
+
+
+def _pretraining():
+    from train import loop  # noqa: PLC0415
+
+    return loop.run, (loop.NonFiniteLossError, loop.DivergedError)
+
+
+def main(argv: list[str]) -> None:
+    from train import config_schema  # noqa: PLC0415
+
+    def check_line(config) -> str:
+        return (
+            f"config ok: {config.model.text_config.num_hidden_layers} layers, "
+            f"train.steps={config.train.steps}, workdir {WORKDIR.value}"
+        )
+
+    cli_main(argv, config_schema.validate, check_line, _pretraining)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import sys
 import textwrap
 
-from absl import app, flags, logging
+from absl import app
 
 _DEFAULT = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs", "rl_addition.py"
@@ -51,46 +51,30 @@ def parse_flags(argv: list[str]) -> list[str]:
     return train_main.parse_flags(argv, usage=usage())
 
 
-def main(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present and not train_main.VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    workdir = train_main.WORKDIR.value
-    if not workdir:
-        raise app.UsageError("--workdir is required")
+def _validate(config) -> None:
     from train import config_schema  # noqa: PLC0415
     from train.rl import config as rl_config  # noqa: PLC0415
 
-    config = train_main.CONFIG.value
-    try:
-        if "rl" not in config:
-            raise config_schema.ConfigValueError("rl: the config has no `rl` section")
-        rl_config.validate(config)
-        if train_main.CHECK_CONFIG.value:
-            print(f"config ok: rl.algo={config.rl.algo}, train.steps={config.train.steps}")
-            return
-        import jax  # noqa: PLC0415
+    if "rl" not in config:
+        raise config_schema.ConfigValueError("rl: the config has no `rl` section")
+    rl_config.validate(config)
 
-        from qwen35_jax import distributed  # noqa: PLC0415
 
-        distributed.initialize_distributed()  # joins the other processes of a multi-host job
-        jax.config.update("jax_threefry_partitionable", True)
-        config_schema.mesh_devices_check(config, jax.device_count())
-    except config_schema.ConfigValueError as e:
-        sys.exit(f"error: invalid config: {e}")
-    from train import workdir_lock  # noqa: PLC0415
+def _rl_loop():
     from train.rl import loop  # noqa: PLC0415
 
-    try:
-        with workdir_lock.hold(
-            workdir, process_index=jax.process_index(), processes=jax.process_count()
-        ):
-            loop.run(config, workdir)
-    except (config_schema.ConfigValueError, workdir_lock.WorkdirLockedError) as e:
-        if train_main.VERBOSE.value:
-            raise
-        sys.exit(f"error: {e}")
+    return loop.run, ()
+
+
+def main(argv: list[str]) -> None:
+    """train.main's main() (validation, --check_config, distributed, lock, expected errors)
+    around the RL loop."""
+    train_main.cli_main(
+        argv,
+        _validate,
+        lambda c: f"config ok: rl.algo={c.rl.algo}, train.steps={c.train.steps}",
+        _rl_loop,
+    )
 
 
 if __name__ == "__main__":

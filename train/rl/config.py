@@ -16,7 +16,7 @@ from train.config_schema import ConfigValueError
 from train.rl.advantages import KINDS as ADVANTAGES
 from train.rl.losses import ALGOS, LOSS_AGGS, PRESETS
 
-TASKS = ("addition", "jsonl")
+TASKS = ("addition", "digits", "jsonl")
 TRUNCATED = ("penalty", "mask")
 
 
@@ -24,13 +24,17 @@ def rl_section() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             algo="grpo",  # "grpo" | "dapo" | "gspo": the preset of the None fields below
-            task="addition",  # "addition" (built in) | "jsonl" (prompts_path, eval_path)
-            prompts_path="",  # JSON lines {"prompt": ..., "answer": ...}
+            # "addition" | "digits" (built in: tasks.py) | "jsonl" (prompts_path, eval_path)
+            task="addition",
+            prompts_path="",  # JSON lines {"prompt": ..., "answer": ..., "image": path?}
             eval_path="",  # held-out JSON lines (accuracy every eval_every steps)
             reward="exact_match",  # built-in name (rewards.py) or "pkg.module:fn"
             prompts_per_step=8,
             group_size=8,  # responses per prompt
-            max_prompt_len=16,  # prompt tokens; longer prompts are refused
+            max_prompt_len=16,  # prompt tokens (image placeholders included); longer: refused
+            # image prompts: at most this many patches per image (resized down to fit, as in
+            # training: train/data/multimodal.py); every row's pixels are padded to it
+            max_patches=64,
             max_new_tokens=8,
             temperature=1.0,
             top_p=1.0,
@@ -62,6 +66,9 @@ def rl_section() -> ml_collections.ConfigDict:
             # MoE only: every policy forward of a step's updates reuses the experts of the
             # rollout (recorded in a forward with the pre-update params; train/rl/replay.py)
             routing_replay=False,
+            # rollouts by MTP speculative decoding, k drafts per step (qwen35_jax.generate's
+            # num_draft_tokens: the same distribution; needs an MTP head); 0 = plain decoding
+            num_draft_tokens=0,
         )
     )
 
@@ -95,6 +102,7 @@ def validate(config: ml_collections.ConfigDict):
         "max_new_tokens",
         "num_iterations",
         "max_turns",
+        "max_patches",
     ):
         if rl[key] < 1:
             _fail(f"rl.{key}", rl[key], "must be >= 1")
@@ -103,7 +111,15 @@ def validate(config: ml_collections.ConfigDict):
     rows = rl.prompts_per_step * rl.group_size
     if rl.num_minibatches < 1 or rows % rl.num_minibatches:
         _fail("rl.num_minibatches", rl.num_minibatches, f"must divide the {rows} rollouts a step")
-    for key in ("beta", "temperature", "max_refills", "eval_every", "eval_examples", "mtp_lambda"):
+    for key in (
+        "beta",
+        "temperature",
+        "max_refills",
+        "eval_every",
+        "eval_examples",
+        "mtp_lambda",
+        "num_draft_tokens",
+    ):
         if rl[key] < 0:
             _fail(f"rl.{key}", rl[key], "must be >= 0")
     if not 0.0 < rl.top_p <= 1.0:
@@ -124,6 +140,10 @@ def validate(config: ml_collections.ConfigDict):
         _fail("rl.mtp_lambda", rl.mtp_lambda, "needs a model with an MTP head")
     if rl.routing_replay and not model.text_config.is_moe:
         _fail("rl.routing_replay", rl.routing_replay, "needs an MoE model (num_experts > 0)")
+    if rl.num_draft_tokens > 0 and not model.text_config.mtp_num_hidden_layers:
+        _fail("rl.num_draft_tokens", rl.num_draft_tokens, "needs a model with an MTP head")
+    if rl.task == "digits" and model.vision_config is None:
+        _fail("rl.task", rl.task, "needs a model with a vision_config (configs/digits.py)")
     if model.text_config.eos_token_id is None:
         _fail("model.text_config.eos_token_id", None, "must be set: rollouts stop at it")
     return model

@@ -39,11 +39,12 @@ from qwen35_jax import mesh as mesh_lib
 from qwen35_jax import sharding
 from train import config_schema, init
 from train.checkpointing import Checkpointer, PreemptionGuard
-from train.data.tokenizers import Tokenizer, load_tokenizer
+from train.data.multimodal import VisualSpec
+from train.data.tokenizers import Tokenizer, WordTokenizer, load_tokenizer
 from train.metrics import MetricsLogger, format_duration
 from train.optimizer import make_optimizer
 from train.prepare import write_atomic
-from train.rl import envs, replay, rewards, rollout, tasks
+from train.rl import envs, prompts, replay, rewards, rollout, tasks
 from train.rl.advantages import group_advantages
 from train.rl.config import resolved
 from train.rl.update import make_update, sequence_logp
@@ -104,8 +105,13 @@ class RLMetricsLogger(MetricsLogger):
 
 
 def rl_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """data.tokenizer_path, else the tokenizer.json of init.from_hf / a converted checkpoint."""
+    """data.tokenizer_path, else the digits pretraining's word tokenizer (data.kind="digits"),
+    else the tokenizer.json of init.from_hf / a converted checkpoint."""
     data = config.data
+    if not data.tokenizer_path and data.kind == "digits":
+        from train.data import digits  # noqa: PLC0415
+
+        return WordTokenizer(digits.WORDS)
     if data.tokenizer_path:
         path, kind = data.tokenizer_path, data.tokenizer
     else:
@@ -143,13 +149,30 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     model_cfg, runtime = init.model_config(config), config_schema.runtime_config(config)
     tokenizer = rl_tokenizer(config)
     try:
-        task = tasks.make_task(config.rl, t.seed)
+        task = tasks.make_task(config.rl, t.seed, image_size=config.data.image_size)
         reward_fn = rewards.resolve(rl["reward"])
         env = envs.resolve(rl["env"]) if rl["env"] else None
     except (OSError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
     eos = int(model_cfg.text_config.eos_token_id)
     pad = _pad(model_cfg)
+    spec = VisualSpec.of(model_cfg) if model_cfg.vision_config is not None else None
+    images = prompts.has_images(task.train) or prompts.has_images(task.held_out)
+    if images and rl["routing_replay"]:
+        raise config_schema.ConfigValueError(
+            "rl.routing_replay=True: the recording forward takes text prompts; "
+            f"rl.task={config.rl.task!r} has images"
+        )
+    if images and env is not None:
+        raise config_schema.ConfigValueError(
+            f"rl.env={config.rl.env!r}: multi-turn episodes take text prompts; "
+            f"rl.task={config.rl.task!r} has images"
+        )
+    if images and spec is None:
+        raise config_schema.ConfigValueError(
+            f"rl.task={config.rl.task!r}: its records have images but the model has no "
+            "vision_config"
+        )
 
     mesh = mesh_lib.mesh_from_config(config.mesh, devices)
     updates_per_step = rl["num_iterations"] * rl["num_minibatches"]
@@ -189,7 +212,10 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     rows = rl["prompts_per_step"] * rl["group_size"]
     width = rollout.row_width(rl)
     mb = rows // rl["num_minibatches"]
-    bs = batch_shardings(mesh, {"ids": (mb, width), "mask": (mb, width - 1), "adv": (mb,)})
+    shapes = {"ids": (mb, width), "mask": (mb, width - 1), "adv": (mb,)}
+    if images:  # the per-row form of prompts.py
+        shapes.update(pixels=(mb, rl["max_patches"], spec.patch_dim), grids=(mb, 1, 3))
+    bs = batch_shardings(mesh, shapes)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     full = batch_shardings(mesh, {"ids": (rows, width)})["ids"]
     key_sharding = {"ids": "ids", "valid": "ids", "mask": "mask", "old_logp": "mask"}
@@ -203,6 +229,8 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             lambda p, i, v: replay.record(model_cfg, p, i, v, runtime=runtime),
             out_shardings=replicated,
         )
+    if images:
+        key_sharding.update(pixels="pixels", grids="grids")
     update_fn = jax.jit(
         make_update(model_cfg, tx, schedule, rl, runtime=runtime),
         in_shardings=(
@@ -217,7 +245,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
         donate_argnums=0,
     )
     logp_fn = jax.jit(  # replicated out: every process reads every row
-        lambda p, i, v: sequence_logp(model_cfg, p, i, v, runtime=runtime),
+        lambda p, i, v, px=None, g=None: sequence_logp(model_cfg, p, i, v, px, g, runtime=runtime),
         out_shardings=replicated,
     )
     logger = RLMetricsLogger(
@@ -235,27 +263,37 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     step = start
     with sharding.use_mesh(mesh):
         if start == 0 and rl["eval_every"]:  # the starting point of the held-out curve
-            acc = evaluate(model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime)
+            acc = evaluate(
+                model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime, spec
+            )
             history.append(logger.log(0, {"eval_accuracy": acc}))
             logger.restart_clock()
 
-        def sample(prompts, attempt, *, params, step):
+        drafts = []  # (accepted, drafted) per generate call of the step
+
+        def sample(rows, attempt, *, params, step, **visual):
             key = jax.random.fold_in(jax.random.fold_in(base_key, step), attempt)
             out = qwen35_jax.generate(
                 model_cfg,
                 params,
-                prompts,
+                rows,
                 max_new_tokens=rl["max_new_tokens"],
                 rng=key,
                 temperature=rl["temperature"],
                 top_p=rl["top_p"],
                 stop_token_ids=(eos,),
                 runtime=runtime,
+                num_draft_tokens=rl["num_draft_tokens"],
+                **visual,
             )
-            return jax.device_get(out)
+            out = jax.device_get(out)
+            if rl["num_draft_tokens"]:
+                drafts.append((int(out.num_accepted.sum()), int(out.num_drafted.sum())))
+            return qwen35_jax.GenerateOutput(out.tokens, out.lengths, out.logprobs)
 
         while step < t.steps:
             t0 = time.perf_counter()
+            drafts.clear()
             ro = rollout.collect(
                 functools.partial(sample, params=state.params, step=step),
                 task,
@@ -266,6 +304,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 eos,
                 pad,
                 env,
+                spec,
             )
             adv_B = np.asarray(
                 group_advantages(ro.rewards_B.reshape(-1, rl["group_size"]), rl["advantage"])
@@ -277,6 +316,11 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 "old_logp": ro.old_logp_BT,
                 "adv": adv_B.astype(np.float32),
             }
+            visual = []  # the recomputed log-probs' pixels and grids (all rows)
+            if images:
+                batch.update(pixels=ro.pixels_BPF, grids=ro.grids_BG3)
+                vs = batch_shardings(mesh, {k: batch[k].shape for k in ("pixels", "grids")})
+                visual = [_put(batch[k], vs[k]) for k in ("pixels", "grids")]
             t1 = time.perf_counter()
             if rl["routing_replay"]:  # one forward with the pre-update params records both
                 logp, batch["routing"] = jax.device_get(
@@ -287,13 +331,17 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             elif recompute:
                 batch["old_logp"] = (
                     np.asarray(
-                        logp_fn(state.params, _put(ro.ids_BW, full), _put(ro.valid_BW, full))
+                        logp_fn(
+                            state.params, _put(ro.ids_BW, full), _put(ro.valid_BW, full), *visual
+                        )
                     )
                     * ro.mask_BT
                 )
             if ref_params is not None:
                 batch["ref_logp"] = (
-                    np.asarray(logp_fn(ref_params, _put(ro.ids_BW, full), _put(ro.valid_BW, full)))
+                    np.asarray(
+                        logp_fn(ref_params, _put(ro.ids_BW, full), _put(ro.valid_BW, full), *visual)
+                    )
                     * ro.mask_BT
                 )
             step_metrics = []
@@ -309,9 +357,13 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             progress.counters["reward_errors"] += ro.reward_errors
             row = _row(host, ro, rl, t0, t1, t2)
             row["reward_errors_total"] = progress.counters["reward_errors"]
+            if drafts:  # speculative rollouts: how often the MTP drafter agreed with the policy
+                row["draft_acceptance"] = sum(a for a, _ in drafts) / max(
+                    sum(d for _, d in drafts), 1
+                )
             if rl["eval_every"] and (step % rl["eval_every"] == 0 or step == t.steps):
                 row["eval_accuracy"] = evaluate(
-                    model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime
+                    model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime, spec
                 )
             history.append(logger.log(step, row))
             if "eval_accuracy" in row:
@@ -363,20 +415,21 @@ def _row(host: list[dict], ro: rollout.Rollouts, rl: dict, t0, t1, t2) -> dict[s
     return row
 
 
-def evaluate(model_cfg, params, task, tokenizer, reward_fn, rl, eos, runtime) -> float:
+def evaluate(model_cfg, params, task, tokenizer, reward_fn, rl, eos, runtime, spec=None) -> float:
     """Held-out greedy accuracy: the mean reward (1 = right) of greedy completions."""
     records = task.held_out
     if not records:
         return float("nan")
-    prompts = [rollout.encode_prompt(tokenizer, r["prompt"], rl["max_prompt_len"]) for r in records]
+    enc = prompts.encode(records, tokenizer, rl["max_prompt_len"], spec, rl["max_patches"])
     out = jax.device_get(
         qwen35_jax.generate(
             model_cfg,
             params,
-            prompts,
+            enc.rows,
             max_new_tokens=rl["max_new_tokens"],
             stop_token_ids=(eos,),
             runtime=runtime,
+            **enc.visual(),
         )
     )
     texts = [

@@ -8,7 +8,10 @@ completions cut at the stop token, rewards (rewards.score: failures score 0 and 
 then DAPO's overlong shaping when on, in tokens (L = max_new_tokens, C = overlong_buffer):
     L - C < len <= L      reward += (L - C - len) / C
     truncated (no stop)   reward = -1 ("penalty"), or the row leaves the loss ("mask")
-With an environment (`rl.env`, envs.py) a row is a multi-turn episode instead (the reward is
+Image prompts (prompts.py) give generate their patches per row; a completion that samples a
+vision special id (image placeholder, vision start/end) is cut before it and counts as truncated
+(the forward pass would read it as an image). With an environment (`rl.env`, envs.py) a row is
+a multi-turn episode instead (the reward is
 the episode's; only the policy's tokens are in the mask).
 With dynamic sampling, groups whose rewards are all equal (zero advantage) are dropped and more
 records are drawn, at most `rl.max_refills` more attempts; if the batch is still short, dropped
@@ -28,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from train.rl import envs
+from train.rl import envs, prompts
 from train.rl import rewards as rewards_lib
 
 
@@ -45,6 +48,9 @@ class Rollouts(NamedTuple):
     dropped_frac: float
     attempts: int
     seconds: float
+    # image prompts (prompts.py): [B, P, F] / [B, 1, 3], None for a text-only batch
+    pixels_BPF: np.ndarray | None = None
+    grids_BG3: np.ndarray | None = None
 
 
 def shape_rewards(
@@ -106,9 +112,12 @@ def collect(
     eos: int,
     pad: int,
     env: Callable[[], envs.Env] | None = None,
+    spec: Any = None,
 ) -> Rollouts:
-    """One step's rollouts. `sampler(prompts, attempt) -> GenerateOutput` (host-readable).
-    With `env` (envs.py), each row is a multi-turn episode and its reward the episode's."""
+    """One step's rollouts. `sampler(prompts, attempt, **visual) -> GenerateOutput`
+    (host-readable; visual: pixel_values, image_grid_thw for image prompts, prompts.py, with
+    the model's VisualSpec `spec`). With `env` (envs.py), each row is a multi-turn episode and
+    its reward the episode's."""
     t0 = time.perf_counter()
     p, g = rl["prompts_per_step"], rl["group_size"]
     width = row_width(rl)
@@ -133,8 +142,13 @@ def collect(
             raw, lengths_B, truncated_B = ep.rewards_B, ep.lengths_B, ep.truncated_B
             errors += ep.errors
         else:
-            rows = [encode_prompt(tokenizer, r["prompt"], rl["max_prompt_len"]) for r in records]
-            tokens_BN, lengths_B, logp_BN = (np.asarray(x) for x in sampler(rows, attempt))
+            enc = prompts.encode(records, tokenizer, rl["max_prompt_len"], spec, rl["max_patches"])
+            rows = enc.rows
+            out = sampler(rows, attempt, **enc.visual())
+            tokens_BN, lengths_B, logp_BN = (np.asarray(x) for x in tuple(out)[:3])
+            cut_B = np.zeros(len(rows), bool)
+            if enc.pixel_values is not None:  # a sampled vision id would read as an image
+                lengths_B, cut_B = prompts.cut_at_vision_ids(tokens_BN, lengths_B, spec)
             texts = [
                 completion_text(tokenizer, tokens_BN[i], lengths_B[i], eos) for i in range(p * g)
             ]
@@ -142,8 +156,10 @@ def collect(
                 reward_fn, [r["prompt"] for r in records], texts, records
             )
             errors += failed
-            truncated_B = (lengths_B == rl["max_new_tokens"]) & (tokens_BN[:, -1] != eos)
+            truncated_B = (lengths_B == rl["max_new_tokens"]) & (tokens_BN[:, -1] != eos) | cut_B
             arrays = layout(rows, tokens_BN, lengths_B, logp_BN, width, pad)
+            if enc.pixel_values is not None:
+                arrays = (*arrays, enc.pixel_values, enc.image_grid_thw)
         shaped_B, keep_B = shape_rewards(np.asarray(raw), lengths_B, truncated_B, rl)
         for k in range(p):
             sl = slice(k * g, (k + 1) * g)
@@ -166,7 +182,8 @@ def collect(
     dropped = len(spare) / generated if rl["dynamic_sampling"] else 0.0
     groups = (kept + spare)[:p]
     cols = [np.concatenate(c) for c in zip(*groups, strict=True)]
-    ids, valid, mask, old, shaped, raw_r, lengths, trunc, keep = cols
+    *arrays, shaped, raw_r, lengths, trunc, keep = cols
+    ids, valid, mask, old, *visual = arrays  # visual: [pixels, grids] for image prompts
     mask = mask * keep[:, None]
     return Rollouts(
         ids,
@@ -181,6 +198,7 @@ def collect(
         dropped,
         attempt,
         time.perf_counter() - t0,
+        *visual,
     )
 
 
@@ -190,10 +208,5 @@ def row_width(rl: dict) -> int:
 
 
 def encode_prompt(tokenizer: Any, text: str, max_len: int) -> list[int]:
-    ids = tokenizer.encode(text)
-    if not ids or len(ids) > max_len:
-        raise ValueError(
-            f"prompt {text[:40]!r} has {len(ids)} tokens; rl.max_prompt_len={max_len} "
-            "(and at least one token) expected"
-        )
-    return ids
+    """A text prompt's ids (prompts.py); ValueError when empty or over `max_len` tokens."""
+    return prompts.encode([{"prompt": text}], tokenizer, max_len).rows[0]

@@ -1,8 +1,15 @@
-"""Prompt sources of RL runs: the built-in addition task, or JSON-lines records.
+"""Prompt sources of RL runs: the built-in addition and digits tasks, or JSON-lines records.
 
-A record is a dict `{"prompt": str, "answer": str}` (JSON lines may add `"image"`: a path, for
-multimodal prompts). A task gives the training records of step `s` (deterministic in the seed
-and the step, so a resumed run draws the same prompts) and a fixed held-out list.
+A record is a dict `{"prompt": str, "answer": str}`, with an optional `"image"` (JSON lines: a
+path, relative to the file's directory or absolute; the digits task: a uint8 [H, W, 3] array)
+that goes before the prompt, as in multimodal training (prompts.py). A task gives the training
+records of step `s` (deterministic in the seed and the step, so a resumed run draws the same
+prompts) and a fixed held-out list.
+
+Built-in task "digits" (configs/rl_digits.py): scikit-learn's handwritten digits
+(train/data/digits.py, the images of configs/digits.py's pretraining), prompt [image, "digit"],
+answer the label ("7"); training records from the train split, held-out ones from the eval
+split (images never trained on).
 
 Built-in task "addition" (the embedded default of `python -m train.rl`): two numbers of
 `ADD_DIGITS` digits, prompt "37+48=", answer "85", one character per token (`CHARS`, a
@@ -108,9 +115,22 @@ class Task:
         return [self.train[i] for i in rng.integers(0, len(self.train), size=n)]
 
 
+def digits_records(split: str, image_size: int) -> list[dict[str, Any]]:
+    """The digits task's records of `split` ("train" | "eval")."""
+    from train.data import digits  # noqa: PLC0415 (scikit-learn: the digits extra)
+
+    images, labels = digits.digit_images(split, image_size)
+    return [
+        {"prompt": "digit", "answer": str(int(y)), "image": x}
+        for x, y in zip(images, labels, strict=True)
+    ]
+
+
 def read_jsonl(path: str, key: str) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a line without "prompt" is refused naming file and line."""
+    """Records of a JSON-lines file; a line without "prompt", or with an "image" that is not a
+    path string, is refused naming file and line. Image paths become absolute."""
     out = []
+    base = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -121,17 +141,25 @@ def read_jsonl(path: str, key: str) -> list[dict[str, Any]]:
                 raise ValueError(f"{key}={path!r} line {i}: not JSON ({e})") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                 raise ValueError(f'{key}={path!r} line {i}: expected {{"prompt": str, ...}}')
+            if "image" in rec:
+                if not isinstance(rec["image"], str):
+                    raise ValueError(f'{key}={path!r} line {i}: "image" must be a path string')
+                rec["image"] = os.path.join(base, rec["image"])
             out.append(rec)
     return out
 
 
-def make_task(rl: Any, seed: int) -> Task:
-    """The task of `rl.task` ("addition", or "jsonl": `rl.prompts_path`, `rl.eval_path`)."""
+def make_task(rl: Any, seed: int, image_size: int = 32) -> Task:
+    """The task of `rl.task` ("addition", "digits" (images of `image_size` px), or "jsonl":
+    `rl.prompts_path`, `rl.eval_path`)."""
     if rl.task == "addition":
         train = [addition_record(a, b) for a, b in addition_pairs(held_out=False)]
         held = [addition_record(a, b) for a, b in addition_pairs(held_out=True)]
         held = [held[i] for i in np.random.default_rng(1234).permutation(len(held))]
         return Task(train, held[: rl.eval_examples], seed)
+    if rl.task == "digits":
+        held = digits_records("eval", image_size)
+        return Task(digits_records("train", image_size), held[: rl.eval_examples], seed)
     train = read_jsonl(rl.prompts_path, "rl.prompts_path")
     held = read_jsonl(rl.eval_path, "rl.eval_path") if rl.eval_path else []
     return Task(train, held[: rl.eval_examples], seed)

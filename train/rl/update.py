@@ -36,15 +36,27 @@ def _logp_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Arr
 
 
 def forward_logp(
-    model_cfg, params, ids_BW, valid_BW, *, runtime=None, mtp: bool = False, routing=None
+    model_cfg,
+    params,
+    ids_BW,
+    valid_BW,
+    *,
+    runtime=None,
+    mtp: bool = False,
+    routing=None,
+    pixels_BPF=None,
+    grids_BG3=None,
 ):
     """(logp_BT, entropy_BT, model output) of the module docstring. routing: replayed experts
-    [B, L, W, k] (the output then holds the routers' own top-k)."""
+    [B, L, W, k] (the output then holds the routers' own top-k). Image prompts take their
+    patches in the per-row form (train/rl/prompts.py), as generate and the trainer's step."""
     out = qwen35_jax.apply(
         model_cfg,
         params,
         ids_BW,
         attention_mask=valid_BW,
+        pixel_values=pixels_BPF,
+        image_grid_thw=grids_BG3,
         return_mtp=mtp,
         runtime=runtime,
         routing=None if routing is None else replay.model_routing(routing),
@@ -54,8 +66,18 @@ def forward_logp(
     return logp_BT, entropy_BT, out
 
 
-def sequence_logp(model_cfg, params, ids_BW, valid_BW, *, runtime=None) -> jax.Array:
-    return forward_logp(model_cfg, params, ids_BW, valid_BW, runtime=runtime)[0]
+def sequence_logp(
+    model_cfg, params, ids_BW, valid_BW, pixels_BPF=None, grids_BG3=None, *, runtime=None
+) -> jax.Array:
+    return forward_logp(
+        model_cfg,
+        params,
+        ids_BW,
+        valid_BW,
+        runtime=runtime,
+        pixels_BPF=pixels_BPF,
+        grids_BG3=grids_BG3,
+    )[0]
 
 
 def make_update(
@@ -68,7 +90,7 @@ def make_update(
 ):
     """update(state, batch) -> (state, metrics); batch: ids, valid [B, W], mask, old_logp
     (and ref_logp when rl beta > 0) [B, W-1], adv [B] (and routing [B, L, W, k] when
-    rl.routing_replay)."""
+    rl.routing_replay; pixels [B, P, F], grids [B, 1, 3] for image prompts)."""
     mtp = rl["mtp_lambda"] > 0
     aux_coef = (
         model_cfg.text_config.router_aux_loss_coef if model_cfg.text_config.num_experts else 0.0
@@ -84,6 +106,8 @@ def make_update(
             runtime=runtime,
             mtp=mtp,
             routing=routing,
+            pixels_BPF=batch.get("pixels"),
+            grids_BG3=batch.get("grids"),
         )
         loss, m = policy_loss(
             logp_BT,
