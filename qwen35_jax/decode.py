@@ -13,8 +13,10 @@
 
 Both are one `lax.scan` over blocks (an inner scan over the block's GDN layers, then its
 attention layer) and one over the tail layers, reading the same stacked parameter tree as
-training (`model.py`) and the decode state stacked the same way; each layer is `DecoderLayer`
-applied to its slice of the parameters. Compile time therefore does not grow with depth.
+training (`model.py`) and the GDN caches stacked the same way; each layer is `DecoderLayer`
+applied to its slice of the parameters. The attention caches are one array per block, read in
+place through a `lax.switch` on the block index (`layers/attention.BlockKV`); only that small
+attention core is repeated per block, so compile time stays flat with depth.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from jax import lax
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.decode_state import DecodeState, KVCache, constrain_decode_state
 from qwen35_jax.fusion import VisionInputs, scatter_visual
-from qwen35_jax.layers.attention import attention_mask
+from qwen35_jax.layers.attention import BlockKV, attention_mask
 from qwen35_jax.layers.decoder import FULL, LINEAR, DecoderLayer, LayerContext
 from qwen35_jax.layers.gated_deltanet import GDNCache
 from qwen35_jax.layers.norms import RMSNorm
@@ -51,17 +53,16 @@ def pad_slots(cache: KVCache, slots: int) -> KVCache:
     return KVCache(*(jnp.pad(jnp.swapaxes(x, 1, 2), pad) for x in cache))
 
 
-def write_kv(stacked: KVCache, new: KVCache, index_BT: jax.Array) -> KVCache:
-    """The stacked caches [L, B, G, S, H] with row b's t-th new key/value (new: [L, B, T, G,
-    H]) at slot index_BT[b, t]: a scatter of T slots, in place on a donated or loop-carried
-    buffer (slots >= S are dropped)."""
+def write_kv(cache: KVCache, new: KVCache, index_BT: jax.Array) -> KVCache:
+    """The cache [B, G, S, H] with row b's t-th new key/value (new: [B, T, G, H]) at slot
+    index_BT[b, t]: a scatter of T slots, in place on a donated or loop-carried buffer (slots
+    >= S are dropped)."""
     rows_B1 = jnp.arange(index_BT.shape[0])[:, None]
 
-    def put(cache, x_LBTGH):
-        x_BTLGH = jnp.moveaxis(x_LBTGH, 0, 2).astype(cache.dtype)
-        return cache.at[:, rows_B1, :, index_BT].set(x_BTLGH, mode="drop")
+    def put(cache_BGSH, x_BTGH):
+        return cache_BGSH.at[rows_B1, :, index_BT].set(x_BTGH.astype(cache_BGSH.dtype), mode="drop")
 
-    return KVCache(put(stacked.k, new.k), put(stacked.v, new.v))
+    return KVCache(put(cache.k, new.k), put(cache.v, new.v))
 
 
 def _layers(
@@ -69,9 +70,10 @@ def _layers(
 ):
     """All layers; returns (x_BTD, (linear, full, tail) caches). state None: prefill.
 
-    Decoding reads each attention layer's cache as a scan input (never copied into a scan
-    output: that rewrote every cache each token) and returns the new tokens' keys/values,
-    written into the stacked caches afterwards by `write_kv` (O(T) per token)."""
+    Decoding reads block j's attention cache where it lies (`BlockKV`: the scan passes the
+    block index, the layer's attention switches to that block's array; no copy of a slice)
+    and returns the new tokens' keys/values, written into each block's cache afterwards by
+    `write_kv` (O(T) per token, in place)."""
     c = config.text_config
     prefill = state is None
     linear = full = tail = None
@@ -86,21 +88,27 @@ def _layers(
     if c.num_blocks:
 
         def block(x_BTD, inputs):
-            p_block, lin_cache, full_cache = inputs
+            p_block, lin_cache, j = inputs
             lin_new = None
             if c.full_attention_interval > 1:
                 x_BTD, lin_new = gdn_stack(x_BTD, p_block["linear_layers"], lin_cache)
+            full_cache = None if prefill else BlockKV(state.full, j)
             x_BTD, full_new = _layer(
                 rt, config, FULL, p_block["full_layer"], x_BTD, ctx, full_cache, prefill
             )
-            if prefill:
-                full_new = pad_slots(full_new, slots)
             return x_BTD, (lin_new, full_new)
 
-        caches = (None, None) if prefill else (state.linear, state.full)
-        x_BTD, (linear, full) = lax.scan(block, x_BTD, (params["blocks"], *caches))
-        if not prefill:
-            full = write_kv(state.full, full, index_BT)
+        lin_caches = None if prefill else state.linear
+        blocks = jnp.arange(c.num_blocks, dtype=jnp.int32)
+        x_BTD, (linear, new) = lax.scan(block, x_BTD, (params["blocks"], lin_caches, blocks))
+        per_block = [KVCache(new.k[j], new.v[j]) for j in range(c.num_blocks)]
+        if prefill:
+            full = tuple(pad_slots(kv, slots) for kv in per_block)
+        else:
+            full = tuple(
+                write_kv(cache, kv, index_BT)
+                for cache, kv in zip(state.full, per_block, strict=True)
+            )
     if c.num_tail_layers:
         x_BTD, tail = gdn_stack(x_BTD, params["tail_layers"], None if prefill else state.tail)
     return x_BTD, (linear, full, tail)
@@ -227,7 +235,7 @@ def decode_step(
     """
     rt = resolve(runtime)
     b, t = ids_BT.shape
-    slots = state.full.k.shape[3] if state.full is not None else 0
+    slots = state.full[0].k.shape[2] if state.full is not None else 0
     ctx, index_BT = decode_context(config, state.length_B, state.rope_delta_B, t, slots)
     x_BTD = embed(rt, config, params, ids_BT, None)
     x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, state, slots, index_BT, every_position)

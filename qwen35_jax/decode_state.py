@@ -7,11 +7,16 @@ decoding scans over blocks with the training parameter tree (no conversion):
 
     linear  GDNCache  conv_q/conv_k [nb, i-1, B, W-1, J, K], conv_v [nb, i-1, B, W-1, H, V],
                       state [nb, i-1, B, H, K, V] float32     <- params blocks/linear_layers
-    full    KVCache   k, v [nb, B, G, S, H] (compute dtype)   <- params blocks/full_layer
+    full    nb KVCaches  k, v [B, G, S, H] each (compute dtype) <- params blocks/full_layer
     tail    GDNCache  as `linear` with one leading axis [r]   <- params tail_layers
     length_B  int32 [B]  tokens of row b in the caches (its next token goes to slot length_B)
     rope_delta_B  int32 [B]  row b's next token has position length_B + rope_delta_B on all
                   three rotary streams (0 for text; `positions.rope_deltas` after images)
+
+The attention caches are a tuple of one array per block, not one stacked array: the scan over
+blocks reads block j's cache in place (`layers/attention.BlockKV`), where slicing a stacked
+[nb, ...] cache copied the layer's keys and values every token (XLA CPU does not fuse a
+dynamic slice into a dot).
 
 (nb blocks of i = full_attention_interval layers, r = num_tail_layers; axis letters in
 `qwen35_jax/__init__.py`; here H is the GDN value heads in GDNCache and the attention head dim
@@ -36,7 +41,7 @@ from qwen35_jax.runtime import Runtime, resolve
 
 class DecodeState(NamedTuple):
     linear: GDNCache | None  # leaves [nb, i-1, B, ...]; None when there are no blocks or i = 1
-    full: KVCache | None  # leaves [nb, B, G, S, H]; None when there are no blocks
+    full: tuple[KVCache, ...] | None  # one per block, leaves [B, G, S, H]; None: no blocks
     tail: GDNCache | None  # leaves [r, B, ...]; None when r = 0
     length_B: jax.Array  # int32 [B]
     rope_delta_B: jax.Array  # int32 [B]
@@ -63,11 +68,11 @@ def abstract_decode_state(
     c = config.text_config
     nb, i, r = c.num_blocks, c.full_attention_interval, c.num_tail_layers
     dt = resolve(runtime).dtype
-    kv = jax.ShapeDtypeStruct((nb, batch, c.num_key_value_heads, max_length, c.head_dim), dt)
+    kv = jax.ShapeDtypeStruct((batch, c.num_key_value_heads, max_length, c.head_dim), dt)
     row = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return DecodeState(
         linear=_gdn_shapes(config, dt, (nb, i - 1), batch) if nb and i > 1 else None,
-        full=KVCache(kv, kv) if nb else None,
+        full=tuple(KVCache(kv, kv) for _ in range(nb)) if nb else None,
         tail=_gdn_shapes(config, dt, (r,), batch) if r else None,
         length_B=row,
         rope_delta_B=row,
@@ -107,10 +112,9 @@ def decode_state_axes(state: DecodeState) -> DecodeState:
             return None
         return GDNCache(*((None,) * lead + axes for axes in _GDN_AXES))
 
-    nb_lead = 1
     return DecodeState(
         linear=gdn(state.linear, 2),
-        full=None if state.full is None else KVCache(*((None,) * nb_lead + _KV_AXES,) * 2),
+        full=None if state.full is None else tuple(KVCache(_KV_AXES, _KV_AXES) for _ in state.full),
         tail=gdn(state.tail, 1),
         length_B=("batch",),
         rope_delta_B=("batch",),

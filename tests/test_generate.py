@@ -45,7 +45,8 @@ def pair(kind: str, tmp_path_factory):
         if kind == "vl":
             model = build_vl(moe=False)
         else:
-            model = hf_oracle.build(moe=kind == "moe", num_hidden_layers=6, seed=3)
+            # 10 layers: 2 blocks (the per-block attention caches) + 2 tail GDN layers
+            model = hf_oracle.build(moe=kind == "moe", num_hidden_layers=10, seed=3)
         config, params = q.load_hf(hf_oracle.save(model, tmp_path_factory.mktemp(kind)))
         _BUILT[kind] = (model, *with_mtp(config, params))
     return _BUILT[kind]
@@ -253,7 +254,8 @@ def test_decode_state_shapes_and_bytes(tmp_path_factory):
         c.linear_value_head_dim,
     )
     assert state.linear.state.dtype == jnp.float32
-    assert state.full.k.shape == (c.num_blocks, 3, c.num_key_value_heads, 40, c.head_dim)
+    assert len(state.full) == c.num_blocks  # one cache per block, read in place
+    assert state.full[0].k.shape == (3, c.num_key_value_heads, 40, c.head_dim)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     assert decode_state_bytes(config, 3, 40) == nbytes
     gdn = c.num_hidden_layers - c.num_blocks

@@ -55,7 +55,6 @@ from qwen35_jax.decode import (
     prefill_context,
     write_kv,
 )
-from qwen35_jax.layers.attention import KVCache
 from qwen35_jax.mtp import MTPHead
 from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.sampling import filtered_logits, sample
@@ -75,13 +74,7 @@ def _mtp(rt, config, params, h_BTD, next_ids_BT, ctx, caches, prefill_mode: bool
 
 def _write(caches: tuple, new: tuple, index_BT) -> tuple:
     """Each MTP layer's cache [B, G, S, H] with the new tokens' keys/values at index_BT."""
-    out = []
-    for cache, kv in zip(caches, new, strict=True):
-        stacked = write_kv(
-            KVCache(cache.k[None], cache.v[None]), KVCache(kv.k[None], kv.v[None]), index_BT
-        )
-        out.append(KVCache(stacked.k[0], stacked.v[0]))
-    return tuple(out)
+    return tuple(write_kv(cache, kv, index_BT) for cache, kv in zip(caches, new, strict=True))
 
 
 def _at(x_BT, idx_B):

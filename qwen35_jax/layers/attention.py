@@ -15,7 +15,8 @@ segment ids and T >= `runtime.attention_blocked_min_length` (default 1024; block
 
 Decoding (`KVCache`, static length S): `layer(x, ..., return_cache=True)` (prefill) also returns
 the T tokens' keys and values (after k_norm and rotary); `layer(x, cos, sin, mask, cache=c)`
-attends over the cache's slots where `mask` [B, 1, 1, T, S] is true (the caller's: the slots
+(c a KVCache, or a `BlockKV`: every block's cache and the index of the one to read) attends
+over the cache's slots where `mask` [B, 1, 1, T, S] is true (the caller's: the slots
 written before, s < length) and causally over the T new tokens themselves, one softmax over
 both (`cached_attention`), and returns the T new tokens' keys and values, which the caller
 writes into its cache (`decode.py`, in place). The cache is only read: one pass over S slots.
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax import lax
 
 from qwen35_jax.config import TextConfig
 from qwen35_jax.layers.norms import RMSNorm
@@ -51,6 +53,16 @@ class KVCache(NamedTuple):
 
     k: jax.Array  # [B, G, S, H] compute dtype (a cache) or [B, T, G, H] (new tokens)
     v: jax.Array
+
+
+class BlockKV(NamedTuple):
+    """The attention caches of every block (nb KVCaches [B, G, S, H], one array each) and the
+    block being run: inside the decode scan over blocks, `cached_attention` reads block
+    `index`'s cache where it lies (a `lax.switch` over the blocks: the dots take the block's
+    own buffer; indexing a stacked [nb, ...] cache copied the layer's slice every token)."""
+
+    caches: tuple[KVCache, ...]
+    index: jax.Array  # int32 scalar
 
 
 def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
@@ -81,11 +93,25 @@ def dot_product_attention(
 
 
 def cached_attention(
-    q_BTNH: jax.Array, cache: KVCache, mask: jax.Array, k_BTGH: jax.Array, v_BTGH: jax.Array
+    q_BTNH: jax.Array,
+    cache: KVCache | BlockKV,
+    mask: jax.Array,
+    k_BTGH: jax.Array,
+    v_BTGH: jax.Array,
 ) -> jax.Array:
-    """Decoding attention of T new tokens over the cache slots (cache.k, cache.v [B, G, S, H])
-    allowed by `mask` [B, 1, 1, T, S] and causally over the new tokens' own keys/values
-    (one float32 softmax over S + T scores). Returns [B, T, N, H]. The cache is only read."""
+    """Decoding attention of T new tokens over the cache slots (cache.k, cache.v [B, G, S, H];
+    a `BlockKV`: its block's cache) allowed by `mask` [B, 1, 1, T, S] and causally over the new
+    tokens' own keys/values (one float32 softmax over S + T scores). Returns [B, T, N, H]. The
+    cache is only read."""
+    if isinstance(cache, BlockKV):
+        if len(cache.caches) == 1:
+            return cached_attention(q_BTNH, cache.caches[0], mask, k_BTGH, v_BTGH)
+
+        def read(block: KVCache):
+            return lambda *args: cached_attention(args[0], block, *args[1:])
+
+        branches = [read(block) for block in cache.caches]
+        return lax.switch(cache.index, branches, q_BTNH, mask, k_BTGH, v_BTGH)
     b, t, n, h = q_BTNH.shape
     g = k_BTGH.shape[2]
     q_BTGRH = q_BTNH.reshape(b, t, g, n // g, h)
@@ -121,7 +147,7 @@ class GatedAttention(RuntimeDtypes, nn.Module):
         sin_BTR: jax.Array,
         mask: jax.Array | None,
         segment_ids_BT: jax.Array | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | BlockKV | None = None,
         *,
         return_cache: bool = False,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
