@@ -4,6 +4,8 @@
     python -m bench.generate --write    # and replaces the "## Generation (issue 15)" section of
                                         # bench/RESULTS.md (other sections untouched)
     python -m bench.generate --context_only   # only the per-token time at 4,096 vs 256 (minutes)
+    python -m bench.generate --model dense    # one model only (dense | moe | both)
+    python -m bench.generate --speculative WORKDIR [--parts K]   # issue 16, see `speculative`
 
 The same tiny hybrid model (width 256, 8 layers: 2 blocks of 3 Gated DeltaNet + 1 attention;
 dense and MoE), the same weights in both frameworks (a perturbed random HF model written with
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax import lax
 
 import qwen35_jax as q
 from bench.train_step import write_section
@@ -157,13 +160,27 @@ def state_memory(config, params, batch: int, prompt: int, n: int) -> tuple[int, 
     return measured, analytic
 
 
-def context_scaling(config, params, rng, batch: int, long_context: int, n: int) -> tuple:
+def context_scaling(
+    config, params, rng, batch: int, long_context: int, n: int, rounds: int = 3
+) -> tuple:
     """Seconds per decode step after prompts of 256 and of `long_context` tokens (n steps each,
-    enough that the prefill's run-to-run noise, which cancels only on average, stays small)."""
+    enough that the prefill's run-to-run noise, which cancels only on average, stays small);
+    both sides compiled first, then timed round-robin (best of `rounds`) under the same load."""
     vocab = config.text_config.vocab_size
     short = rng.randint(0, vocab, (batch, min(256, long_context))).tolist()
     long = rng.randint(0, vocab, (batch, long_context)).tolist()
-    return ours_step_seconds(config, params, short, n), ours_step_seconds(config, params, long, n)
+
+    def run(prompts, k):
+        jax.block_until_ready(q.generate(config, params, prompts, max_new_tokens=k))
+
+    calls = [(p, k) for p in (short, long) for k in (1, 1 + n)]
+    for p, k in calls:
+        run(p, k)  # compile
+    best = [float("inf")] * len(calls)
+    for _ in range(rounds):
+        for i, (p, k) in enumerate(calls):
+            best[i] = min(best[i], _time(lambda p=p, k=k: run(p, k)))
+    return (best[1] - best[0]) / n, (best[3] - best[2]) / n
 
 
 def measure(
@@ -174,10 +191,12 @@ def measure(
     smoke=False,
     context_only=False,
     context_tokens: int = 128,
+    model: str = "both",
 ) -> list[dict]:
     rows = []
     rng = np.random.RandomState(0)
-    for moe in (False,) if smoke else (False, True):
+    kinds = {"dense": (False,), "moe": (True,), "both": (False, True)}[model]
+    for moe in (False,) if smoke else kinds:
         model, config, params = build(moe, smoke)
         if context_only:
             t_short, t_long = context_scaling(
@@ -294,6 +313,84 @@ def speculative(
     return rows
 
 
+def spec_parts(workdir: str, k: int, prompt: str = "def ", reps: int = 32, rounds: int = 3) -> dict:
+    """ms per part of one speculative step at batch 1 against one plain decode step, each part
+    jitted on its own and run `reps` times in a `fori_loop` (state carried in place, as in
+    `generate`), best of `rounds` taken round-robin:
+      plain      decode_step, 1 token
+      verify     decode_step over k+1 tokens keeping every GDN position + keep_positions
+      verify_chunked  the same k+1 tokens without per-position states (lower bound)
+      draft      one MTP head call (1 token) + its cache write + the head's argmax
+      catch_up   the MTP head over k+1 positions + cache write (its head on one position)
+    A step costs ~ verify + (k-1) draft + catch_up + acceptance (small)."""
+    from qwen35_jax.generate import speculative as spec  # noqa: PLC0415
+    from qwen35_jax.generate.__main__ import load_checkpoint  # noqa: PLC0415
+
+    config, rt, params, tokenizer, _ = load_checkpoint(workdir)
+    ids = tokenizer.encode(prompt)
+    t = max(16, 1 << (len(ids) - 1).bit_length())
+    slots = t + reps * (k + 1) + 8
+    ids_BT = jnp.asarray([ids + [0] * (t - len(ids))], jnp.int32)
+    lengths_B = jnp.asarray([len(ids)], jnp.int32)
+    _, state, h_BTD = jax.jit(
+        lambda p: decode.prefill(
+            config, p, ids_BT, lengths_B, slots, runtime=rt, return_hidden=True
+        )
+    )(params)
+    ctx, _ = decode.prefill_context(config, lengths_B, t)
+    _, _, new = spec._mtp(rt, config, params, h_BTD, ids_BT, ctx, None, True, False)
+    mtp = tuple(decode.pad_slots(kv, slots) for kv in new)
+    ones = lambda n: jnp.ones((1, n), jnp.int32)  # noqa: E731
+    h1 = h_BTD[:, :1]
+
+    def loop(body):
+        return jax.jit(lambda p, c: lax.fori_loop(0, reps, lambda i, c: body(p, c), c))
+
+    def plain(p, st):
+        return decode.decode_step(config, p, st, ones(1), runtime=rt)[1]
+
+    def verify(p, st):
+        _, every, _ = decode.decode_step(
+            config, p, st, ones(k + 1), runtime=rt, every_position=True, return_hidden=True
+        )
+        return decode.keep_positions(every, st.length_B * 0 + k + 1, k + 1)
+
+    def verify_chunked(p, st):
+        return decode.decode_step(config, p, st, ones(k + 1), runtime=rt)[1]
+
+    def mtp_call(width):
+        def body(p, c):  # a chain: each call reads the previous output and its draft
+            caches, length, h_B1D, tok_B = c
+            mctx, idx = decode.decode_context(config, length, length * 0, width, slots)
+            h_BTD = jnp.repeat(h_B1D, width, axis=1)
+            ids_BT = jnp.repeat(tok_B[:, None], width, axis=1)
+            out, _, new = spec._mtp(rt, config, p, h_BTD, ids_BT, mctx, caches, False, False)
+            o_BD = out[:, -1]
+            draft_B = spec._draft(rt, config, p, o_BD)
+            return spec._write(caches, new, idx), length + width, o_BD[:, None], draft_B
+
+        return body
+
+    parts = {
+        "plain": (plain, state),
+        "verify": (verify, state),
+        "verify_chunked": (verify_chunked, state),
+        "draft": (mtp_call(1), (mtp, lengths_B, h1, ids_BT[:, 0])),
+        "catch_up": (mtp_call(k + 1), (mtp, lengths_B, h1, ids_BT[:, 0])),
+    }
+    fns = {name: loop(body) for name, (body, _) in parts.items()}
+    for name, fn in fns.items():  # compile
+        jax.block_until_ready(fn(params, parts[name][1]))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            best[name] = min(
+                best[name],
+                _time(lambda f=fn, n=name: jax.block_until_ready(f(params, parts[n][1]))),
+            )
+    return {name: 1e3 * sec / reps for name, sec in best.items()}
+
+
 def spec_report(rows: list[dict], workdir: str, n: int) -> str:
     lines = [
         SPEC_SECTION,
@@ -331,16 +428,36 @@ def main() -> None:
         "--context_only", action="store_true", help="only the per-token time at 256 vs long"
     )
     ap.add_argument("--context_tokens", type=int, default=128, help="decode steps timed there")
+    ap.add_argument("--model", choices=("dense", "moe", "both"), default="both")
+    ap.add_argument(
+        "--parts",
+        type=int,
+        metavar="K",
+        help="with --speculative: ms per part of one speculative step with K drafts at batch 1",
+    )
     ap.add_argument(
         "--speculative",
         metavar="WORKDIR",
         help="instead: MTP speculative decoding (k=0..3, batch 1 and 8) of the model trained "
         "in WORKDIR by `python -m train.main` (with an MTP head)",
     )
+    ap.add_argument(
+        "--batches", default="1,8", help="with --speculative: comma-separated batch sizes"
+    )
     args = ap.parse_args()
+    if args.speculative and args.parts:
+        parts = spec_parts(args.speculative, args.parts)
+        print(" | ".join(f"{name} {ms:.2f} ms" for name, ms in parts.items()))
+        return
     if args.speculative:
         text = spec_report(
-            speculative(args.speculative, args.new_tokens), args.speculative, args.new_tokens
+            speculative(
+                args.speculative,
+                args.new_tokens,
+                batches=tuple(int(b) for b in args.batches.split(",")),
+            ),
+            args.speculative,
+            args.new_tokens,
         )
         print(text)
         if args.write:
@@ -354,6 +471,7 @@ def main() -> None:
         args.smoke,
         args.context_only,
         args.context_tokens,
+        args.model,
     )
     if args.context_only:
         for r in rows:

@@ -18,6 +18,7 @@ import qwen35_jax as q
 from qwen35_jax.convert.orbax_io import hf_to_orbax
 from qwen35_jax.generate.__main__ import chat_prompt, main
 from tests import hf_oracle
+from tests.test_speculative import checkpoint_with_mtp
 
 EOS = "<|endoftext|>"
 
@@ -115,6 +116,26 @@ def test_bad_input_is_one_named_error(checkpoint, capsys, args, message):
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_num_draft_tokens_prints_the_plain_greedy_text(checkpoint, tmp_path, capsys):
+    """--num_draft_tokens 2 on a checkpoint with mtp.* tensors: the same text as plain greedy
+    decoding, the acceptance rate reported; on one without an MTP head: a named error."""
+    path = str(tmp_path / "mtp")
+    os.makedirs(path)
+    model, _, _ = checkpoint_with_mtp(path)
+    write_tokenizer(path, model.config.vocab_size)
+    argv = ["--checkpoint", path, "--prompt", "w5 w17 w9 w40", "--max_new_tokens", "9"]
+    code, plain, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    code, spec, err = run_cli(capsys, *argv, "--num_draft_tokens", "2")
+    assert code == 0, err
+    assert spec.strip() == plain.strip() and plain.strip()
+    assert "2 draft tokens, acceptance" in err
+    code, _, err = run_cli(
+        capsys, "--checkpoint", checkpoint, "--prompt", "w1", "--num_draft_tokens", "2"
+    )
+    assert code == 2 and err.startswith("error: --num_draft_tokens 2: ") and "no MTP head" in err
 
 
 def test_directory_without_a_checkpoint(tmp_path, capsys):

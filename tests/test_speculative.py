@@ -221,7 +221,7 @@ def numpy_mtp_logits(w: dict, cfg: dict, h_TD: np.ndarray, next_ids: np.ndarray)
     return out @ head.T
 
 
-def _checkpoint_with_mtp(path):
+def checkpoint_with_mtp(path):
     """A perturbed tiny HF model (transformers has no MTP) plus random `mtp.*` tensors in a
     second shard, declared in the config: what a released checkpoint looks like."""
     import json
@@ -262,7 +262,7 @@ def test_mtp_drafting_path_matches_numpy_vllm_qwen3_next_mtp(tmp_path):
 
     from qwen35_jax import decode
 
-    model, cfg, tensors = _checkpoint_with_mtp(str(tmp_path))
+    model, cfg, tensors = checkpoint_with_mtp(str(tmp_path))
     config, params = q.load_hf(str(tmp_path))
     assert config.text_config.mtp_num_hidden_layers == 1
     w = {k: v.astype(np.float64) for k, v in tensors.items()}

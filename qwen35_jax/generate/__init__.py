@@ -40,6 +40,7 @@ from qwen35_jax import sharding
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.decode import decode_step, prefill
 from qwen35_jax.fusion import check_placeholder_counts, vision_inputs
+from qwen35_jax.generate.outputs import Emitted, emit_column, empty
 from qwen35_jax.generate.speculative import speculative_loop
 from qwen35_jax.positions import rope_index
 from qwen35_jax.runtime import Runtime, resolve
@@ -198,38 +199,25 @@ def generate_arrays(
         runtime=runtime,
     )
     pad = pad_id(config)
-    stops_S = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
 
-    def emit(i, logits_BV, tokens_BN, logprobs_BN, done_B, count_B):
+    def emit(i, logits_BV, out: Emitted) -> Emitted:
         tok_B, lp_B = sample(jax.random.fold_in(rng, i), logits_BV, temperature, top_k, top_p)
-        tok_B = jnp.where(done_B, pad, tok_B)
-        lp_B = jnp.where(done_B, 0.0, lp_B)
+        new, tok_B = emit_column(out, i, tok_B, lp_B, pad, stop_token_ids)
         if stream is not None:
-            jax.debug.callback(stream, i, tok_B, done_B, ordered=True)
-        count_B = count_B + (~done_B).astype(jnp.int32)
-        done_B = done_B | jnp.any(tok_B[:, None] == stops_S[None, :], axis=1)
-        tokens_BN = lax.dynamic_update_slice(tokens_BN, tok_B[:, None], (0, i))
-        logprobs_BN = lax.dynamic_update_slice(logprobs_BN, lp_B[:, None], (0, i))
-        return tokens_BN, logprobs_BN, done_B, count_B
+            jax.debug.callback(stream, i, tok_B, out.done_B, ordered=True)
+        return new
 
-    carry = emit(
-        0,
-        logits_BV,
-        jnp.full((b, n), pad, jnp.int32),
-        jnp.zeros((b, n), jnp.float32),
-        jnp.zeros((b,), bool),
-        jnp.zeros((b,), jnp.int32),
-    )
+    carry = emit(0, logits_BV, empty(b, n, pad))
 
     def cond(c):
-        i, _, (_, _, done_B, _) = c
-        return (i < n) & ~jnp.all(done_B)
+        i, _, out = c
+        return (i < n) & ~jnp.all(out.done_B)
 
     def body(c):
         i, state, out = c
-        prev_B1 = lax.dynamic_slice_in_dim(out[0], i - 1, 1, axis=1)
+        prev_B1 = lax.dynamic_slice_in_dim(out.tokens_BN, i - 1, 1, axis=1)
         logits_B1V, state = decode_step(config, params, state, prev_B1, runtime=runtime)
-        return i + 1, state, emit(i, logits_B1V[:, 0], *out)
+        return i + 1, state, emit(i, logits_B1V[:, 0], out)
 
     _, _, (tokens_BN, logprobs_BN, _, count_B) = lax.while_loop(
         cond, body, (jnp.asarray(1, jnp.int32), state, carry)

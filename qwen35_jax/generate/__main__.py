@@ -179,7 +179,14 @@ def run(args: argparse.Namespace) -> dict:
 
     import qwen35_jax as q  # noqa: PLC0415
 
+    if args.num_draft_tokens < 0:
+        raise CliError(f"--num_draft_tokens {args.num_draft_tokens}: must be >= 0 (0 = plain)")
     config, runtime, params, tokenizer, tok_dir = load_checkpoint(args.checkpoint)
+    if args.num_draft_tokens and not config.text_config.mtp_num_hidden_layers:
+        raise CliError(
+            f"--num_draft_tokens {args.num_draft_tokens}: the checkpoint {args.checkpoint} has "
+            "no MTP head (mtp_num_hidden_layers=0); use 0"
+        )
     images = [_load_image(p) for p in args.image]
     text = chat_prompt(tok_dir, args.prompt, len(images)) if args.chat else args.prompt
     vision = {}

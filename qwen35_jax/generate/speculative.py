@@ -55,6 +55,7 @@ from qwen35_jax.decode import (
     prefill_context,
     write_kv,
 )
+from qwen35_jax.generate.outputs import emit_column, empty, is_stop
 from qwen35_jax.mtp import MTPHead
 from qwen35_jax.runtime import Runtime, resolve
 from qwen35_jax.sampling import filtered_logits, sample
@@ -62,14 +63,22 @@ from qwen35_jax.sampling import filtered_logits, sample
 RULES = ("exact", "biased")  # "biased": resample from p, not the residual (tests show it fails)
 
 
-def _mtp(rt, config, params, h_BTD, next_ids_BT, ctx, caches, prefill_mode: bool):
-    """The MTP head over T pairs: (out_BTD, logits_BTV, new-token KVCaches per layer)."""
+def _mtp(rt, config, params, h_BTD, next_ids_BT, ctx, caches, prefill_mode: bool, logits=True):
+    """The MTP head over T pairs: (out_BTD, logits_BTV or None, new-token KVCaches per
+    layer)."""
     c = config.text_config
     e_BTD = jnp.take(params["embed_tokens"], next_ids_BT, axis=0).astype(rt.dtype)
     out_BTD, _, new = MTPHead(c, rt).apply(
         {"params": params["mtp"]}, h_BTD, e_BTD, ctx, caches, return_cache=prefill_mode
     )
-    return out_BTD, head_logits(rt, config, params, out_BTD), new
+    return out_BTD, head_logits(rt, config, params, out_BTD) if logits else None, new
+
+
+def _draft(rt, config, params, o_BD) -> jax.Array:
+    """The draft token of each row: argmax of the shared LM head on the MTP output o_BD."""
+    return jnp.argmax(head_logits(rt, config, params, o_BD[:, None])[:, 0], axis=-1).astype(
+        jnp.int32
+    )
 
 
 def _write(caches: tuple, new: tuple, index_BT) -> tuple:
@@ -139,8 +148,6 @@ def speculative_loop(
     """(tokens [B, N], lengths [B], logprobs [B, N], num_accepted [B], num_drafted [B]), traced
     inside `generate_arrays`: prompts right-padded to a bucket, `slots` >= bucket + N + k."""
     rt = resolve(runtime)
-    if not config.text_config.mtp_num_hidden_layers:
-        raise ValueError("num_draft_tokens needs an MTP head: mtp_num_hidden_layers is 0")
     k, n = num_draft_tokens, max_new_tokens
     b, t = ids_BT.shape
     logits_BV, state, h_BTD = prefill(
@@ -155,25 +162,19 @@ def speculative_loop(
         return_hidden=True,
     )
     tok_B, lp_B = sample(jax.random.fold_in(rng, 0), logits_BV, temperature, top_k, top_p)
-    stops_S = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
-
-    def is_stop(x):
-        return jnp.any(x[..., None] == stops_S.reshape((1,) * x.ndim + (-1,)), axis=-1)
-
+    first, _ = emit_column(empty(b, n, pad), 0, tok_B, lp_B, pad, stop_token_ids)
     # MTP prefill: slot p holds (h_p, x_{p+1}), x_L = the first emitted token
     last_B = lengths_B - 1
     next_BT = jnp.concatenate([ids_BT[:, 1:], ids_BT[:, :1]], axis=1)
     next_BT = jnp.where(jnp.arange(t)[None, :] == last_B[:, None], tok_B[:, None], next_BT)
     ctx, _ = prefill_context(config, lengths_B, t, positions)
-    out_BTD, mtp_logits_BTV, new = _mtp(rt, config, params, h_BTD, next_BT, ctx, None, True)
+    out_BTD, _, new = _mtp(rt, config, params, h_BTD, next_BT, ctx, None, True, False)
     mtp = tuple(pad_slots(kv, slots) for kv in new)
-    draft_B = jnp.argmax(_at(mtp_logits_BTV, last_B), axis=-1).astype(jnp.int32)
     o_BD = _at(out_BTD, last_B)
+    draft_B = _draft(rt, config, params, o_BD)
 
-    tokens_BN = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok_B)
-    logprobs_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp_B)
-    done_B = is_stop(tok_B) | (n <= 1)
-    count_B = jnp.ones((b,), jnp.int32)
+    tokens_BN, logprobs_BN, done_B, count_B = first
+    done_B = done_B | (n <= 1)
     zeros_B = jnp.zeros((b,), jnp.int32)
     rows_B1 = jnp.arange(b)[:, None]
 
@@ -186,12 +187,12 @@ def speculative_loop(
         drafts, o_BD, mtp_w = [c["draft"]], c["o"], mtp
         for j in range(1, k):
             mctx, idx_B1 = decode_context(config, length_B + j - 1, state.rope_delta_B, 1, slots)
-            out_B1D, lg_B1V, new = _mtp(
-                rt, config, params, o_BD[:, None], drafts[-1][:, None], mctx, mtp_w, False
+            out_B1D, _, new = _mtp(
+                rt, config, params, o_BD[:, None], drafts[-1][:, None], mctx, mtp_w, False, False
             )
             mtp_w = _write(mtp_w, new, idx_B1)
-            drafts.append(jnp.argmax(lg_B1V[:, 0], axis=-1).astype(jnp.int32))
             o_BD = out_B1D[:, 0]
+            drafts.append(_draft(rt, config, params, o_BD))
         drafts_BK = jnp.stack(drafts, axis=1)
         # 2. verify x_L, d_1..d_k in one pass, GDN states kept at every position
         ids_BT = jnp.concatenate([c["last"][:, None], drafts_BK], axis=1)
@@ -203,7 +204,7 @@ def speculative_loop(
         n_B, emit_BT, lp_BT = accept(key, logits_BTV, drafts_BK, temperature, top_k, top_p)
         m_B = n_B + 1  # tokens this row emits, before stops and the budget
         pos_T = jnp.arange(k + 1)[None, :]
-        stop_BT = is_stop(emit_BT) & (pos_T < m_B[:, None])
+        stop_BT = is_stop(emit_BT, stop_token_ids) & (pos_T < m_B[:, None])
         first_stop_B = jnp.where(jnp.any(stop_BT, axis=1), jnp.argmax(stop_BT, axis=1) + 1, m_B)
         cut_B = jnp.minimum(jnp.minimum(m_B, first_stop_B), n - c["count"])
         cut_B = jnp.where(c["done"], 0, cut_B)
@@ -218,15 +219,16 @@ def speculative_loop(
         # 4. commit the verified prefix; the MTP head catches up on the T verified pairs
         state = keep_positions(every, m_B, k + 1)
         mctx, idx_BT = decode_context(config, length_B, state.rope_delta_B, k + 1, slots)
-        out_BTD, lg_BTV, new = _mtp(rt, config, params, hid_BTD, emit_BT, mctx, mtp, False)
+        out_BTD, _, new = _mtp(rt, config, params, hid_BTD, emit_BT, mctx, mtp, False, False)
         mtp = _write(mtp, new, idx_BT)
+        o_BD = _at(out_BTD, n_B)  # only position n drafts: the head runs on one row each
         return dict(
             i=c["i"] + 1,
             state=state,
             mtp=mtp,
             last=_at(emit_BT, n_B),
-            draft=jnp.argmax(_at(lg_BTV, n_B), axis=-1).astype(jnp.int32),
-            o=_at(out_BTD, n_B),
+            draft=_draft(rt, config, params, o_BD),
+            o=o_BD,
             tokens=tokens_BN,
             logprobs=logprobs_BN,
             done=done_B,
