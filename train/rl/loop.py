@@ -49,6 +49,7 @@ from train.rl.advantages import group_advantages
 from train.rl.config import resolved
 from train.rl.update import make_update, sequence_logp
 from train.state import abstract_state, batch_shardings, init_state
+from train.step_gate import StepGate
 
 
 def _say(*args: Any) -> None:
@@ -291,6 +292,8 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 drafts.append((int(out.num_accepted.sum()), int(out.num_drafted.sum())))
             return qwen35_jax.GenerateOutput(out.tokens, out.lengths, out.logprobs)
 
+        # every process agrees after each step, so a stop sent to one of them stops all together
+        gate, preempted = StepGate(guard), False
         while step < t.steps:
             t0 = time.perf_counter()
             drafts.clear()
@@ -370,11 +373,12 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 logger.restart_clock()  # the ETA leaves evaluation out
             if step % config.checkpoint.every_steps == 0:
                 ckpt.save(step, state, progress)
-            if guard.requested:
+            _, preempted = gate.agree(True, guard.requested)
+            if preempted:
                 break
     ckpt.save(step, state, progress)
     ckpt.close()
-    if guard.requested:
+    if preempted:
         _say(f"preempted: checkpoint saved at step {step}; rerun the same command to resume")
     logger.close()
     return {"start_step": start, "step": step, "rows": history}
