@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import qwen35_jax
+from tests.test_train_multimodal import model_config
 from train.data.multimodal import VisualSpec, encode_document
 from train.data.tokenizers import WordTokenizer
 from train.rl import prompts, rewards, rollout, tasks
@@ -22,25 +23,10 @@ TOK = WordTokenizer(("digit", "cat", "dog", *"0123456789"))
 
 
 def vl_config() -> qwen35_jax.Qwen35Config:
-    """tiny-vl, 2 text layers, 8-px patches, special ids at the top of a 32-id vocabulary."""
-    cfg = qwen35_jax.get_config("tiny-vl")
-    text = dataclasses.replace(
-        cfg.text_config,
-        vocab_size=32,
-        num_hidden_layers=2,
-        full_attention_interval=2,
-        mtp_num_hidden_layers=0,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    vis = dataclasses.replace(cfg.vision_config, patch_size=8, num_position_embeddings=16)
+    """test_train_multimodal's tiny-vl model with eos 1 and pad 0 (generation stops and pads)."""
+    cfg = model_config()
     return cfg.replace(
-        text_config=text,
-        vision_config=vis,
-        vision_start_token_id=28,
-        vision_end_token_id=29,
-        image_token_id=30,
-        video_token_id=31,
+        text_config=dataclasses.replace(cfg.text_config, eos_token_id=1, pad_token_id=0)
     )
 
 
