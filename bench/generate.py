@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import tempfile
 import time
@@ -280,6 +281,7 @@ def speculative(
     config, runtime, params, tokenizer, _ = load_checkpoint(workdir)
     rows = []
     for batch in batches:
+        load_start = os.getloadavg()[0]
         prompts = [tokenizer.encode(SPEC_PROMPTS[i % len(SPEC_PROMPTS)]) for i in range(batch)]
 
         def run(k, prompts=prompts):
@@ -299,6 +301,7 @@ def speculative(
         for k, out in outs.items():
             tok_s = int(np.sum(np.asarray(out.lengths))) / best[k]
             row = dict(batch=batch, k=k, tok_s=tok_s, speedup=tok_s / base)
+            row["load"] = (load_start, os.getloadavg()[0])  # 1-minute load averages
             if k:
                 steps = np.asarray(out.num_drafted) / k
                 row.update(
@@ -391,19 +394,20 @@ def spec_parts(workdir: str, k: int, prompt: str = "def ", reps: int = 32, round
     return {name: 1e3 * sec / reps for name, sec in best.items()}
 
 
-def spec_report(rows: list[dict], workdir: str, n: int) -> str:
+def spec_report(rows: list[dict], workdir: str, n: int, rounds: int = 3) -> str:
     lines = [
         SPEC_SECTION,
         "",
         f"`python -m bench.generate --speculative {workdir}` ({datetime.date.today()}, "
         f"{platform.machine()}, {jax.devices()[0].platform}): greedy, {n} new tokens, no stop "
         "ids, float32; tokens/s over the whole `generate` call (prefill included, compiled "
-        "before), best of 3 rounds taken round-robin over k; k = num_draft_tokens "
+        f"before), best of {rounds} rounds taken round-robin over k; k = num_draft_tokens "
         "(0 = plain decoding in the same run). "
-        "Mean accepted length: tokens emitted per verification step (1 + accepted drafts).",
+        "Mean accepted length: tokens emitted per verification step (1 + accepted drafts). "
+        "Load: the 1-minute load average before and after the batch's runs (2 cores).",
         "",
-        "| batch | k | tok/s | vs k=0 | acceptance | mean accepted length | output = k=0 |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | k | tok/s | vs k=0 | acceptance | mean accepted length | output = k=0 | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["k"]:
@@ -411,7 +415,8 @@ def spec_report(rows: list[dict], workdir: str, n: int) -> str:
         else:
             extra = "- | 1 | -"
         lines.append(
-            f"| {r['batch']} | {r['k']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {extra} |"
+            f"| {r['batch']} | {r['k']} | {r['tok_s']:.1f} | {r['speedup']:.2f}x | {extra} "
+            f"| {r['load'][0]:.1f}-{r['load'][1]:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -444,6 +449,7 @@ def main() -> None:
     ap.add_argument(
         "--batches", default="1,8", help="with --speculative: comma-separated batch sizes"
     )
+    ap.add_argument("--rounds", type=int, default=3, help="with --speculative: best of R")
     args = ap.parse_args()
     if args.speculative and args.parts:
         parts = spec_parts(args.speculative, args.parts)
@@ -455,9 +461,11 @@ def main() -> None:
                 args.speculative,
                 args.new_tokens,
                 batches=tuple(int(b) for b in args.batches.split(",")),
+                rounds=args.rounds,
             ),
             args.speculative,
             args.new_tokens,
+            args.rounds,
         )
         print(text)
         if args.write:

@@ -4,6 +4,7 @@ biased rule is caught); 8 simulated devices equal one."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,9 +15,14 @@ from scipy import stats
 
 import qwen35_jax as q
 from qwen35_jax import sharding
-from qwen35_jax.generate import speculative
+from qwen35_jax.generate import pad_id, speculative
 
 RT = q.Runtime(gdn_chunk_size=8)
+# One batch shape for every greedy run in this file (ragged prompts, one bucket of 16 slots),
+# so that the tests share compiled programs (CI runs a file on one worker: --dist loadfile);
+# the parameters are traced, so a model's perfect-head variant reuses its programs too.
+LENGTHS = (3, 9, 14, 5, 11, 2, 8, 16)
+N = 12
 
 
 @functools.cache
@@ -25,40 +31,71 @@ def _model(name: str):
     return config, q.init_params(config, jax.random.key(0), runtime=RT)
 
 
-def _prompts(config, lengths):
+def _prompts(config, lengths=LENGTHS):
     vocab = config.text_config.vocab_size
     return [list(np.random.RandomState(i).randint(0, vocab, n)) for i, n in enumerate(lengths)]
+
+
+@functools.cache
+def _stop_id(name: str) -> int:
+    """A stop id for `name`'s greedy runs: of the tokens plain decoding emits, the one that
+    ends the rows at the most different steps (some rows never emit it)."""
+    config, params = _model(name)
+    out = q.generate(config, params, _prompts(config), max_new_tokens=N, runtime=RT)
+    free = np.asarray(out.tokens)
+
+    def spread(tok):
+        hit = free == tok
+        ends = np.where(hit.any(1), hit.argmax(1), N)
+        return len(set(ends.tolist())) if ends.max() == N else 0
+
+    decoded = np.setdiff1d(free[:, 1:], free[:, 0])  # no row stops at its first token
+    return int(max(decoded, key=spread))
+
+
+def _plain(config, params, stop: int):
+    """Plain greedy decoding (k = 0) with stop id `stop`, as (tokens, lengths, logprobs): the
+    run without stop ids cut after each row's first stop (what a stop id does; test_generate
+    checks it), so that this file compiles one plain program per model."""
+    out = q.generate(config, params, _prompts(config), max_new_tokens=N, runtime=RT)
+    assert len(out) == 3  # plain output: still a 3-tuple (unpacked by callers)
+    tokens, logprobs = np.array(out.tokens), np.array(out.logprobs)
+    hit = tokens == stop
+    lengths = np.where(hit.any(1), hit.argmax(1) + 1, N)
+    after = np.arange(N)[None, :] >= lengths[:, None]
+    tokens[after], logprobs[after] = pad_id(config), 0.0
+    return tokens, lengths, logprobs
+
+
+def _speculative(config, params, k: int, stop: int, **kw):
+    return q.generate(
+        config,
+        params,
+        _prompts(config),
+        max_new_tokens=N,
+        stop_token_ids=(stop,),
+        runtime=RT,
+        num_draft_tokens=k,
+        **kw,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-moe"])
 def test_greedy_equals_plain_decoding_for_k_1_2_3(name):
     config, params = _model(name)
-    prompts = _prompts(config, [3, 9, 14, 5])
-    free = q.generate(config, params, prompts, max_new_tokens=12, runtime=RT)
-    # a stop id that rows emit at different times (some never)
-    stop = int(np.asarray(free.tokens)[1, 4])
-    base = q.generate(
-        config, params, prompts, max_new_tokens=12, stop_token_ids=(stop,), runtime=RT
-    )
-    assert len(set(np.asarray(base.lengths).tolist())) > 1
+    stop = _stop_id(name)  # rows emit it at different times (some never)
+    tokens, lengths, logprobs = _plain(config, params, stop)
+    assert len(set(lengths.tolist())) > 1 and lengths.max() == N
     for k in (1, 2, 3):
-        out = q.generate(
-            config,
-            params,
-            prompts,
-            max_new_tokens=12,
-            stop_token_ids=(stop,),
-            runtime=RT,
-            num_draft_tokens=k,
-        )
-        np.testing.assert_array_equal(out.tokens, base.tokens, err_msg=f"k={k}")
-        np.testing.assert_array_equal(out.lengths, base.lengths, err_msg=f"k={k}")
-        np.testing.assert_allclose(out.logprobs, base.logprobs, atol=1e-4, err_msg=f"k={k}")
+        out = _speculative(config, params, k, stop)
+        np.testing.assert_array_equal(out.tokens, tokens, err_msg=f"k={k}")
+        np.testing.assert_array_equal(out.lengths, lengths, err_msg=f"k={k}")
+        np.testing.assert_allclose(out.logprobs, logprobs, atol=1e-4, err_msg=f"k={k}")
         assert np.all(np.asarray(out.num_drafted) > 0)
         assert np.all(np.asarray(out.num_accepted) <= np.asarray(out.num_drafted))
         assert 0.0 <= out.acceptance_rate <= 1.0
-    assert len(base) == 3 and len(out) == 5  # plain output: still a 3-tuple (unpacked by callers)
+    assert len(out) == 5
 
 
 def perfect_mtp_params(config, params):
@@ -85,14 +122,17 @@ def perfect_mtp_params(config, params):
 def test_a_perfect_mtp_head_is_always_accepted():
     config, params = _model("tiny")
     params = perfect_mtp_params(config, params)
-    prompts = _prompts(config, [5, 11])
-    base = q.generate(config, params, prompts, max_new_tokens=16, runtime=RT)
-    out = q.generate(config, params, prompts, max_new_tokens=16, runtime=RT, num_draft_tokens=3)
-    np.testing.assert_array_equal(out.tokens, base.tokens)
+    stop = _stop_id("tiny")  # the greedy test's programs, run on other parameters
+    tokens, lengths, _ = _plain(config, params, stop)
+    out = _speculative(config, params, 3, stop)
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_array_equal(out.lengths, lengths)
     assert out.acceptance_rate == 1.0
-    # 16 tokens: the first from the prefill, then 4 per step (3 drafts + 1): 4 steps, the last
-    # one cut by max_new_tokens
-    assert np.asarray(out.num_drafted).tolist() == [12, 12]
+    # the first token from the prefill, then 4 per step (3 drafts + 1), the last step cut by
+    # max_new_tokens or the stop: 3 drafts per step
+    steps = -(-(lengths - 1) // 4)
+    assert np.asarray(out.num_drafted).tolist() == (3 * steps).tolist()
+    assert steps.max() == 3
 
 
 def _histogram(tokens: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -122,7 +162,9 @@ def test_sampling_with_drafts_has_the_plain_distribution_and_a_biased_rule_fails
         assert _two_sample_p(plain_t[:, i], spec_t[:, i]) > 1e-3, i
     biased = functools.partial(speculative.accept, rule="biased")
     monkeypatch.setattr(speculative, "accept", biased)
-    jax.clear_caches()
+    # another Runtime (a setting prompts this short never read) makes `generate` trace again,
+    # now with the biased rule, without clearing the compiled programs of the other tests
+    kw["runtime"] = dataclasses.replace(RT, attention_block_k=RT.attention_block_k // 2)
     wrong = q.generate(config, params, prompts, rng=jax.random.key(2), num_draft_tokens=2, **kw)
     wrong_t = np.asarray(wrong.tokens)
     assert min(_two_sample_p(plain_t[:, i], wrong_t[:, i]) for i in (1, 2)) < 1e-6
@@ -131,17 +173,16 @@ def test_sampling_with_drafts_has_the_plain_distribution_and_a_biased_rule_fails
 @pytest.mark.slow
 def test_eight_devices_equal_one():
     config, params = _model("tiny-moe")
-    prompts = _prompts(config, [3, 9, 14, 5, 11, 2, 8, 16])
-    kw = dict(max_new_tokens=6, runtime=RT, num_draft_tokens=2)
-    sampled_kw = dict(kw, rng=jax.random.key(4), temperature=0.8, top_k=30)
-    greedy = q.generate(config, params, prompts, **kw)
-    sampled = q.generate(config, params, prompts, **sampled_kw)
+    stop = _stop_id("tiny-moe")  # the unsharded greedy run is the greedy test's program
+    sampled_kw = dict(rng=jax.random.key(4), temperature=0.8, top_k=30)
+    greedy = _speculative(config, params, 2, stop)
+    sampled = _speculative(config, params, 2, stop, **sampled_kw)
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     param_sh = sharding.logical_to_mesh_sharding(q.abstract_params(config), mesh)
     sharded = jax.device_put(params, param_sh)
     with sharding.use_mesh(mesh):
-        out_g = q.generate(config, sharded, prompts, **kw)
-        out_s = q.generate(config, sharded, prompts, **sampled_kw)
+        out_g = _speculative(config, sharded, 2, stop)
+        out_s = _speculative(config, sharded, 2, stop, **sampled_kw)
     for a, b in ((out_g, greedy), (out_s, sampled)):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.num_accepted, b.num_accepted)
