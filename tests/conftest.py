@@ -6,12 +6,14 @@ the first conftest, and a session-start check fails (not skips) when the devices
 JAX's persistent compilation cache is on for the whole session: the directory is made once, by
 the process that imports this file first (the xdist controller, or the only process under
 `-n 0`), and travels in the environment (JAX_COMPILATION_CACHE_DIR) to the xdist workers and to
-every subprocess a test starts (`train.main`, `launch/local.sh` processes), so a tiny model's
-train step compiled by one of them is loaded, not compiled, by the others. Entries are written
-atomically under a file lock (a size limit turns jax's lock on), so concurrent readers never see
-half a file. A test that times compilation takes the `no_compilation_cache` fixture, which turns
-the cache off and fails the test if any compile was served from it anyway. The controller
-removes the directory at the end.
+every subprocess a test starts (`train.main` runs), so a tiny model's train step compiled by one
+of them is loaded, not compiled, by the others. Multi-process runs (jax.distributed) leave it out
+(tests/test_multihost.run_local): only process 0 writes entries, and a process that loads a
+step while its peer compiles it waits past gloo's 30 s deadline in the first collective.
+Entries are written atomically under a file lock (a size limit turns jax's lock on), so
+concurrent readers never see half a file. A test that times compilation takes the
+`no_compilation_cache` fixture, which turns the cache off and fails the test if any compile was
+served from it anyway. The controller removes the directory at the end.
 
 Files with more slow tests are collected first (see pytest_collection_modifyitems).
 """
