@@ -1,7 +1,7 @@
 """Helpers shared by the tests that run `python -m train.main` as a user would (a subprocess on
-configs/tiny_cpu.py, one CPU device): the environment (a module's runs share a persistent
-compilation cache, so repeated compiles are cheap), a blocking run, a background run, and what
-a workdir holds afterwards.
+configs/tiny_cpu.py, one CPU device): the environment (every run of the session shares
+conftest's persistent compilation cache, so repeated compiles are cheap), a blocking run, a
+background run, and what a workdir holds afterwards.
 
 A module uses the `env` fixture by importing it: `from tests.runs import env_fixture  # noqa: F401`.
 """
@@ -22,24 +22,12 @@ QUIET = ["--config.train.completion_tokens=0", "--config.train.log_every=1"]
 
 
 @pytest.fixture(scope="module", name="env")
-def env_fixture(tmp_path_factory) -> dict[str, str]:
-    """The subprocesses' environment: CPU only, this checkout first, one compilation cache for
-    every module of the session (and every xdist worker of it: the same tiny_cpu steps compile
-    in several modules)."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the run's directory, above the workers' own
-    cache = base / "train_main_jax_cache"
-    cache.mkdir(exist_ok=True)
+def env_fixture() -> dict[str, str]:
+    """The subprocesses' environment: CPU only, this checkout first, and (inherited from
+    tests/conftest.py) the session's one compilation cache, shared with every module and xdist
+    worker: the same tiny_cpu steps compile in several modules."""
     e = dict(os.environ)
-    e.update(
-        XLA_FLAGS="",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=ROOT,
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-    )
+    e.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     return e
 
 

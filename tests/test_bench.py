@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from bench import mfu
 
 
+@pytest.mark.slow
 def test_mfu_script_runs_the_trainers_step_on_packed_documents():
     args = mfu.parse_args(["--smoke", "--seq", "64", "--doc_len", "24", "--steps", "1"])
     r = mfu.measure(args)

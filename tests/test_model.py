@@ -86,6 +86,7 @@ def test_jit_equals_no_jit():
     np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4 * np.abs(eager).max())
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients(model):
     config, params = model
     ids = np.random.RandomState(3).randint(0, 512, (2, 24))
@@ -143,7 +144,8 @@ def _compile_seconds(layers: int) -> float:
     return time.perf_counter() - start
 
 
-def test_compile_time_does_not_grow_with_depth():
+@pytest.mark.slow
+def test_compile_time_does_not_grow_with_depth(no_compilation_cache):
     _compile_seconds(8)  # warm caches shared by both
     t8 = min(_compile_seconds(8) for _ in range(2))
     t48 = min(_compile_seconds(48) for _ in range(2))

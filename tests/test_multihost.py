@@ -22,6 +22,11 @@ TIMEOUT = 600
 
 def run_local(nproc: int, devices: int, module: str, *flags: str, logdir: pathlib.Path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # no 8-device flag
+    if nproc > 1:
+        # no compilation cache across processes: only process 0 writes it, and a process that
+        # loads a step while another compiles it waits past gloo's 30 s deadline (seen here:
+        # "Gloo context initialization failed: DEADLINE_EXCEEDED")
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env.update(LAUNCH_MODULE=module, LAUNCH_LOGDIR=str(logdir))
     logdir.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(

@@ -115,6 +115,7 @@ def test_checksum_changes_with_any_element_and_is_the_same_on_any_mesh():
 # ------------------------------------------------------------------ the CLI
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(tmp_path, env):
     workdir = tmp_path / "run"
     # clip_norm=0 throughout: with clipping off, an lr of 1e4 turns finite gradients into
@@ -159,6 +160,7 @@ def _flip_64_bytes(state_dir):
     assert os.path.getsize(big) == size
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_detected_and_the_run_falls_back_with_one_warning(tmp_path, env):
     workdir = tmp_path / "run"
     first = cli(workdir, "--config.train.steps=20", *QUIET, env=env)
@@ -286,6 +288,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path,
     assert steps_on_disk(workdir) == [4, 5]
 
 
+@pytest.mark.slow
 def test_after_sigkill_and_resume_metrics_have_each_step_once(tmp_path, env):
     workdir = tmp_path / "run"
     args = ["--config.train.steps=100000", "--config.checkpoint.every_steps=4", *QUIET]
@@ -311,6 +314,7 @@ def test_after_sigkill_and_resume_metrics_have_each_step_once(tmp_path, env):
     assert start_event in newest.read_bytes()
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_it_is_finished(tmp_path, env):
     workdir = tmp_path / "run"
     args = ["--config.train.steps=2", *QUIET]

@@ -56,6 +56,7 @@ def test_seq_len_without_targets_is_refused_naming_the_key(seq_len, mtp_lambda, 
     config_schema.validate(c)
 
 
+@pytest.mark.slow
 def test_a_run_that_cannot_resume_says_so_briefly_and_keeps_config_json(tmp_path):
     work = tmp_path / "run"
     quick = ["--config.train.steps=2", "--config.train.completion_tokens=0"]

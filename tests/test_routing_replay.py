@@ -176,6 +176,7 @@ def test_forced_experts_match_numpy_and_train_the_router():
     )
 
 
+@pytest.mark.slow
 def test_expert_parallel_replay_equals_one_device():
     """8 devices (fsdp=4, expert=2), all-to-all dispatch with forced experts = one device
     (there with remat): values and router gradients."""
@@ -231,6 +232,7 @@ def test_rl_refuses_replay_on_a_dense_model():
         validate(c)
 
 
+@pytest.mark.slow
 def test_rl_step_with_routing_replay_has_ratio_one(tmp_path):
     """One update per step on the step's own rollouts: the policy forward replays the experts
     recorded with the same (pre-update) params: no decision changed and the ratio is 1 (to one

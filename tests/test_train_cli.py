@@ -124,6 +124,7 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(resumed_run, tmp_path, 
         assert again[step] == pytest.approx(first[step], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_cleanly_and_resume_continues(tmp_path, env):
     workdir = tmp_path / "run"
     args = ["--config.train.steps=100000", "--config.checkpoint.every_steps=100000", *QUIET]

@@ -110,6 +110,7 @@ def _hf_loss_on_batch(hf_dir: str, batch: dict[str, np.ndarray]) -> float:
     return total / count
 
 
+@pytest.mark.slow
 def test_continued_training_starts_at_the_reference_loss(hf_dir, tmp_path):
     """init.from_hf and init.from_checkpoint (a converted orbax checkpoint): the step-0 loss is
     transformers' loss on the same batch (1e-4 relative), and a few steps lower it."""

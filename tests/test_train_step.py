@@ -109,6 +109,7 @@ def test_eight_device_mesh_step_equals_single_device(setup, single, axes):
     assert int(state.step) == 1 and bool(metrics["finite"])
 
 
+@pytest.mark.slow
 def test_chunked_cross_entropy_step_equals_whole_logits(setup, single):
     """train.loss_chunk=12 on 32-token rows (chunks 12, 12, 8 + 4 padded) on fsdp=4 x sequence=2
     (rows and positions both split; chunks cross the sequence shards): the same
