@@ -14,7 +14,11 @@ Nothing is allocated and nothing runs on a device. Terms, per device:
                    policy (`jax._src.ad_checkpoint.saved_residuals`), traced at 1 and 2
                    sequences of the per-device length: the difference scales with the per-device
                    batch, the rest (weight casts) is counted once per layer at its sharded size;
-                   activations whose last axis is not the model width are divided by `tensor`;
+                   all of them are divided by `tensor`: the TPU compiler keeps the model-width
+                   residuals too (layer inputs, the o_proj / out_proj outputs) split over
+                   `tensor` on D (27b recipe, fsdp 64 x tensor 4: saved [.., 4096, 1280] of
+                   D = 5120 in its buffer assignment; counting them whole over-counted 0.23
+                   GiB per layer, 15 GiB on the recipe);
                    the MTP head's layer (`mtp.py`: a plain DecoderLayer) is never
                    rematerialised: all its residuals, whatever the policy
   recompute peak   with remat, the backward pass re-materialises one layer at a time: the
@@ -204,12 +208,11 @@ def _sources(items) -> str:
 def layer_activation_bytes(c, kind, policy, b_local, t_local, tensor, chunk, dtype, pdtype, shards):
     """Per-device bytes one layer saves, and the largest sources (name -> bytes)."""
 
-    def scaled(items1, items2):
+    def scaled(items1, items2):  # every per-sequence residual split over tensor (module doc)
         total, by_src = 0.0, defaultdict(float)
-        for (b1, last, src), (b2, _, _) in zip(items1, items2, strict=True):
+        for (b1, _, src), (b2, _, _) in zip(items1, items2, strict=True):
             per_seq, const = b2 - b1, 2 * b1 - b2
-            div = tensor if last != c.hidden_size else 1
-            nbytes = per_seq * b_local / div + const / shards
+            nbytes = per_seq * b_local / tensor + const / shards
             total += nbytes
             by_src[_where(src)] += nbytes
         return total, by_src
