@@ -5,8 +5,8 @@ from launch import plan as planner
 from qwen35_jax.layers import decoder
 
 
-def test_saved_activations_split_over_tensor_model_width_included():
-    """The TPU compiler keeps every saved residual of a layer split over `tensor`, the
+def test_dense_saved_activations_split_over_tensor_model_width_included():
+    """The TPU compiler keeps every saved residual of a dense layer split over `tensor`, the
     model-width ones (layer inputs, out_proj outputs) too: the 27b recipe (fsdp 64 x tensor 4)
     saves [.., 4096, 1280] of D = 5120. The per-sequence part of each source is 1/tensor of
     its tensor=1 size."""
