@@ -7,8 +7,9 @@
 
 Sized for a TPU v5p-512 (256 chips): fsdp 64 x tensor 4.
 Memory per chip on v5p-512: the TPU compiler's 42.1 GiB of 95.7 (44%, fits; `launch.compile
---topology=v5p-512`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 55.6 GiB
-(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
+--topology=v5p-512`, libtpu 0.0.42.1, bench/RESULTS.md; measured before session 7's fixes,
+which add the gathered LM head, about 1.2 GiB), the planner's 38.5 GiB (session 8: the
+model-width activations split over tensor, as the compiler's buffer assignment keeps them).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
