@@ -379,6 +379,11 @@ def plan(
         )
     if sizes["sequence"] > 1:
         notes.append("sequence > 1: attention keys/values are gathered over the sequence axis")
+    if chip in ("v4", "v5e", "v5p", "v6e"):
+        notes.append(
+            "not counted: TPU backend temporaries outside the HLO buffer assignment (measured: "
+            "17-32% of the compiler's temporaries; 0.8b 17.9 GiB, 35b-a3b 15.3 GiB per chip)"
+        )
     return Plan(terms, notes, hbm, header)
 
 
