@@ -6,9 +6,10 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-512 (256 chips): fsdp 64 x tensor 4.
-Memory per chip on v5p-512: the TPU compiler's 42.1 GiB of 95.7 (44%, fits; `launch.compile
---topology=v5p-512`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 55.6 GiB
-(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
+Memory per chip on v5p-512: the TPU compiler's 45.0 GiB of 95.7 (47%, fits; `launch.compile
+--topology=v5p-512`, libtpu 0.0.42.1, recompiled after session 7's fixes, bench/RESULTS.md),
+the planner's 38.3 GiB (1.17x; session 8 split the model-width activations over tensor, as the
+compiler's buffer assignment keeps them).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """

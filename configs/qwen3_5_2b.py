@@ -6,9 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-64 (32 chips) or four 8-GPU nodes.
-Memory per chip on v5p-64: the TPU compiler's 67.6 GiB of 95.7 (71%, fits; `launch.compile
---topology=v5p-64`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 55.6 GiB
-(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
+Memory per chip on v5p-64: the TPU compiler's 72.0 GiB of 95.7 (76%, fits; `launch.compile
+--topology=v5p-64`, libtpu 0.0.42.1, recompiled after session 7's fixes, bench/RESULTS.md),
+the planner's 55.6 GiB (compiler / planner 1.29).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """

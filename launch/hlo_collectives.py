@@ -2,6 +2,8 @@
 
     collectives(hlo_text) -> {kind: Collective(count, bytes)}     per execution, per device
     largest_sources(hlo_text, n) -> [(kind, source, count, bytes)]  the n heaviest, by op_name
+    collective_ops(hlo_text) -> [CollectiveOp]      each collective instruction: kind, runs,
+                                                    bytes per run, result shape, source
 
 Kinds: all-gather, reduce-scatter, all-reduce, all-to-all (also ragged), collective-permute; the
 synchronous ops and their asynchronous `-start` halves (the `-done` halves are not counted
@@ -167,8 +169,24 @@ def _runs(comps: dict[str, list[_Instr]], entry: str) -> tuple[dict[str, int], l
     return runs, notes
 
 
-def _each(hlo_text: str):
-    """(kind, executions, bytes per execution, instruction) of every collective, and notes."""
+class CollectiveOp(NamedTuple):
+    kind: str  # one of KINDS
+    executions: int  # per run of the program
+    bytes: float  # per execution, per device (module doc)
+    shape: str  # the instruction's result shape, e.g. 'bf16[256,4096]{1,0}' (or a tuple)
+    source: str  # `source_of` its op_name; '?' without one
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+    """Every collective instruction of the program that runs, with its executions per run."""
+    return _each(hlo_text)[0]
+
+
+def _each(hlo_text: str) -> tuple[list[CollectiveOp], list[str]]:
+    """The collectives (`CollectiveOp`) of one run, and notes."""
     comps, entry = _parse(hlo_text)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
@@ -190,7 +208,9 @@ def _each(hlo_text: str):
                 size = sum(arrays[len(arrays) // 2 :])  # (inputs..., outputs...)
             else:
                 size = sum(arrays)
-            out.append((kind, runs[name], size, ins))
+            m = _OP_NAME.search(ins.attrs)
+            source = source_of(m.group(1)) if m else "?"
+            out.append(CollectiveOp(kind, runs[name], size, ins.shape, source))
     return out, notes
 
 
@@ -199,13 +219,10 @@ def collectives(hlo_text: str) -> tuple[dict[str, Collective], list[str]]:
     ops, notes = _each(hlo_text)
     count: dict[str, int] = defaultdict(int)
     nbytes: dict[str, float] = defaultdict(float)
-    for kind, times, size, _ in ops:
+    for kind, times, size, _, _ in ops:
         count[kind] += times
         nbytes[kind] += times * size
     return {k: Collective(count[k], nbytes[k]) for k in KINDS}, notes
-
-
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
 def source_of(op_name: str) -> str:
@@ -229,9 +246,8 @@ def largest_sources(hlo_text: str, n: int = 5) -> list[tuple[str, str, int, floa
     ops, _ = _each(hlo_text)
     count: dict[tuple[str, str], int] = defaultdict(int)
     nbytes: dict[tuple[str, str], float] = defaultdict(float)
-    for kind, times, size, ins in ops:
-        m = _OP_NAME.search(ins.attrs)
-        key = (kind, source_of(m.group(1)) if m else "?")
+    for kind, times, size, _, source in ops:
+        key = (kind, source)
         count[key] += times
         nbytes[key] += times * size
     top = sorted(nbytes, key=lambda k: -nbytes[k])[:n]

@@ -14,7 +14,13 @@ Nothing is allocated and nothing runs on a device. Terms, per device:
                    policy (`jax._src.ad_checkpoint.saved_residuals`), traced at 1 and 2
                    sequences of the per-device length: the difference scales with the per-device
                    batch, the rest (weight casts) is counted once per layer at its sharded size;
-                   activations whose last axis is not the model width are divided by `tensor`;
+                   those whose last axis is not the model width are divided by `tensor`, and
+                   in dense models the model-width ones too: the TPU compiler keeps the layer
+                   inputs and the o_proj / out_proj outputs split over `tensor` on D (27b
+                   recipe, fsdp 64 x tensor 4: saved [.., 4096, 1280] of D = 5120 in its
+                   buffer assignment; counted whole they over-counted 0.23 GiB per layer, 15
+                   GiB on the recipe). MoE models keep the old rule (model-width residuals
+                   whole): their layout under tensor > 1 (397b) was not read;
                    the MTP head's layer (`mtp.py`: a plain DecoderLayer) is never
                    rematerialised: all its residuals, whatever the policy
   recompute peak   with remat, the backward pass re-materialises one layer at a time: the
@@ -42,6 +48,8 @@ and `memory_analysis` adds 17.9 GiB of temporaries outside it, which no traced t
 The MoE recipes read 1.36-1.76 x before session 7 (bench/RESULTS.md), which added the MTP
 layer's full residuals (it is never rematerialised; 3-4 GiB): the 35b-a3b then reads 1.25 x,
 and its compiler temporaries exceed its dumped buffer assignment by 15.3 GiB (as above).
+The 27b (tensor 4) read 0.76 x before model-width residuals were split over tensor; its
+8-layer buffer assignment is 0.97 x this figure after (bench/RESULTS.md, session 8).
 Keep this figure under ~70% of HBM.
 """
 
@@ -204,11 +212,11 @@ def _sources(items) -> str:
 def layer_activation_bytes(c, kind, policy, b_local, t_local, tensor, chunk, dtype, pdtype, shards):
     """Per-device bytes one layer saves, and the largest sources (name -> bytes)."""
 
-    def scaled(items1, items2):
+    def scaled(items1, items2):  # which residuals are split over tensor: the module doc
         total, by_src = 0.0, defaultdict(float)
         for (b1, last, src), (b2, _, _) in zip(items1, items2, strict=True):
             per_seq, const = b2 - b1, 2 * b1 - b2
-            div = tensor if last != c.hidden_size else 1
+            div = tensor if last != c.hidden_size or not c.is_moe else 1
             nbytes = per_seq * b_local / div + const / shards
             total += nbytes
             by_src[_where(src)] += nbytes
@@ -371,6 +379,11 @@ def plan(
         )
     if sizes["sequence"] > 1:
         notes.append("sequence > 1: attention keys/values are gathered over the sequence axis")
+    if chip in ("v4", "v5e", "v5p", "v6e"):
+        notes.append(
+            "not counted: TPU backend temporaries outside the HLO buffer assignment (measured: "
+            "17-32% of the compiler's temporaries; 0.8b 17.9 GiB, 35b-a3b 15.3 GiB per chip)"
+        )
     return Plan(terms, notes, hbm, header)
 
 
