@@ -15,6 +15,7 @@
         advantages per group                                     advantages.py
         rl.num_iterations x rl.num_minibatches jitted updates    update.py (state donated)
         metrics.jsonl / TensorBoard / console; held-out greedy accuracy every rl.eval_every
+          (scored by rl.eval_reward, default rl.reward)
         checkpoint every checkpoint.every_steps; SIGTERM -> save, exit
       save
 
@@ -153,6 +154,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     try:
         task = tasks.make_task(config.rl, t.seed, image_size=config.data.image_size)
         reward_fn = rewards.resolve(rl["reward"])
+        eval_fn = rewards.resolve(rl["eval_reward"]) if rl["eval_reward"] else reward_fn
         env = envs.resolve(rl["env"]) if rl["env"] else None
     except (OSError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
@@ -265,7 +267,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     with sharding.use_mesh(mesh):
         if start == 0 and rl["eval_every"]:  # the starting point of the held-out curve
             acc = evaluate(
-                model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime, spec
+                model_cfg, state.params, task, tokenizer, eval_fn, rl, eos, runtime, spec
             )
             history.append(logger.log(0, {"eval_accuracy": acc}))
             logger.restart_clock()
@@ -373,7 +375,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 )
             if rl["eval_every"] and (step % rl["eval_every"] == 0 or step == t.steps):
                 row["eval_accuracy"] = evaluate(
-                    model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime, spec
+                    model_cfg, state.params, task, tokenizer, eval_fn, rl, eos, runtime, spec
                 )
             history.append(logger.log(step, row))
             if "eval_accuracy" in row:
@@ -427,7 +429,8 @@ def _row(host: list[dict], ro: rollout.Rollouts, rl: dict, t0, t1, t2) -> dict[s
 
 
 def evaluate(model_cfg, params, task, tokenizer, reward_fn, rl, eos, runtime, spec=None) -> float:
-    """Held-out greedy accuracy: the mean reward (1 = right) of greedy completions."""
+    """Held-out greedy accuracy: the fraction of greedy completions that `reward_fn` (the run's
+    rl.eval_reward) scores >= 1."""
     records = task.held_out
     if not records:
         return float("nan")
