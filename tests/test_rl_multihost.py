@@ -1,8 +1,7 @@
 """`python -m train.rl` on 2 real processes x 4 CPU devices (launch/local.sh, gloo) gives the
 rewards, losses, KL and held-out accuracy of 1 process x 8 devices: rollouts from parameters
 that span both processes (a tiny MoE, fsdp=2 x expert=4), the frozen KL reference, recomputed
-old log-probs, routing replay (the recorded experts: global arrays over both processes' devices),
-two minibatches x two iterations, the held-out evaluation on every process.
+old log-probs, two minibatches x two iterations, the held-out evaluation on every process.
 
 Measured by hand with these flags (load average ~25 on 2 cores): ~80 CPU-s per process; rewards
 identical, losses, KL and gradient norms within 3e-6 relative."""
@@ -33,7 +32,6 @@ FLAGS = [
     "--config.rl.num_iterations=2",
     "--config.rl.beta=0.05",
     "--config.rl.recompute_old_logp=True",
-    "--config.rl.routing_replay=True",
     "--config.rl.reward=tests.test_rl:length_reward",
     "--config.rl.eval_every=2",
     "--config.rl.eval_examples=8",
