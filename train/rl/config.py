@@ -29,6 +29,9 @@ def rl_section() -> ml_collections.ConfigDict:
             prompts_path="",  # JSON lines {"prompt": ..., "answer": ..., "image": path?}
             eval_path="",  # held-out JSON lines (accuracy every eval_every steps)
             reward="exact_match",  # built-in name (rewards.py) or "pkg.module:fn"
+            # the held-out evaluation's reward (accuracy = the fraction scoring >= 1), e.g.
+            # exact_match while training on a shaped reward; "" = rl.reward
+            eval_reward="",
             prompts_per_step=8,
             group_size=8,  # responses per prompt
             max_prompt_len=16,  # prompt tokens (image placeholders included); longer: refused

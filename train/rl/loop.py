@@ -9,11 +9,13 @@
           with state.params (the arrays being trained: no copy), rng fold_in(seed, s, attempt);
           rewards, overlong shaping, dynamic sampling            rollout.py
         old_logp: generate's log-probs (temperature 1) or recomputed (update.sequence_logp);
-          rl.routing_replay: the experts recorded in that pass (or an extra one)  replay.py
+          rl.routing_replay: the experts recorded in that pass (or an extra one), per
+          minibatch, kept on the devices with the batch sharding          replay.py
           ref_logp from the frozen reference copy when rl.beta > 0
         advantages per group                                     advantages.py
         rl.num_iterations x rl.num_minibatches jitted updates    update.py (state donated)
         metrics.jsonl / TensorBoard / console; held-out greedy accuracy every rl.eval_every
+          (scored by rl.eval_reward, default rl.reward)
         checkpoint every checkpoint.every_steps; SIGTERM -> save, exit
       save
 
@@ -152,6 +154,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     try:
         task = tasks.make_task(config.rl, t.seed, image_size=config.data.image_size)
         reward_fn = rewards.resolve(rl["reward"])
+        eval_fn = rewards.resolve(rl["eval_reward"]) if rl["eval_reward"] else reward_fn
         env = envs.resolve(rl["env"]) if rl["env"] else None
     except (OSError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
@@ -226,10 +229,9 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
             mesh, {"routing": replay.routing_shape(model_cfg, mb, width)}
         )["routing"]
         key_sharding["routing"] = "routing"
-        record_fn = jax.jit(
-            lambda p, i, v: replay.record(model_cfg, p, i, v, runtime=runtime),
-            out_shardings=replicated,
-        )
+        # per minibatch: log-probs replicated (read on the host), experts left on the devices
+        # with the batch sharding, as the update takes them (no host round trip)
+        record_fn = replay.recorder(model_cfg, replicated, bs["routing"], runtime=runtime)
     if images:
         key_sharding.update(pixels="pixels", grids="grids")
     update_fn = jax.jit(
@@ -265,7 +267,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     with sharding.use_mesh(mesh):
         if start == 0 and rl["eval_every"]:  # the starting point of the held-out curve
             acc = evaluate(
-                model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime, spec
+                model_cfg, state.params, task, tokenizer, eval_fn, rl, eos, runtime, spec
             )
             history.append(logger.log(0, {"eval_accuracy": acc}))
             logger.restart_clock()
@@ -325,12 +327,17 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 vs = batch_shardings(mesh, {k: batch[k].shape for k in ("pixels", "grids")})
                 visual = [_put(batch[k], vs[k]) for k in ("pixels", "grids")]
             t1 = time.perf_counter()
+            routing = []  # rl.routing_replay: each minibatch's experts, global device arrays
             if rl["routing_replay"]:  # one forward with the pre-update params records both
-                logp, batch["routing"] = jax.device_get(
-                    record_fn(state.params, _put(ro.ids_BW, full), _put(ro.valid_BW, full))
-                )
+                logps = []
+                for k in range(rl["num_minibatches"]):
+                    sl = slice(k * mb, (k + 1) * mb)
+                    ids, valid = (_put(a[sl], bs["ids"]) for a in (ro.ids_BW, ro.valid_BW))
+                    logp, experts = record_fn(state.params, ids, valid)
+                    logps.append(logp)
+                    routing.append(experts)
                 if recompute:
-                    batch["old_logp"] = np.asarray(logp) * ro.mask_BT
+                    batch["old_logp"] = np.concatenate(jax.device_get(logps)) * ro.mask_BT
             elif recompute:
                 batch["old_logp"] = (
                     np.asarray(
@@ -352,6 +359,8 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 for k in range(rl["num_minibatches"]):
                     sl = slice(k * mb, (k + 1) * mb)
                     part = {n: _put(a[sl], bs[key_sharding[n]]) for n, a in batch.items()}
+                    if routing:
+                        part["routing"] = routing[k]
                     state, m = update_fn(state, part)
                     step_metrics.append(m)
             host = jax.device_get(step_metrics)
@@ -366,7 +375,7 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
                 )
             if rl["eval_every"] and (step % rl["eval_every"] == 0 or step == t.steps):
                 row["eval_accuracy"] = evaluate(
-                    model_cfg, state.params, task, tokenizer, reward_fn, rl, eos, runtime, spec
+                    model_cfg, state.params, task, tokenizer, eval_fn, rl, eos, runtime, spec
                 )
             history.append(logger.log(step, row))
             if "eval_accuracy" in row:
@@ -420,7 +429,8 @@ def _row(host: list[dict], ro: rollout.Rollouts, rl: dict, t0, t1, t2) -> dict[s
 
 
 def evaluate(model_cfg, params, task, tokenizer, reward_fn, rl, eos, runtime, spec=None) -> float:
-    """Held-out greedy accuracy: the mean reward (1 = right) of greedy completions."""
+    """Held-out greedy accuracy: the fraction of greedy completions that `reward_fn` (the run's
+    rl.eval_reward) scores >= 1."""
     records = task.held_out
     if not records:
         return float("nan")

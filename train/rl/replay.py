@@ -32,8 +32,11 @@ Logged: `routing_changed_frac`, the fraction of the replayed (token, layer, slot
 valid tokens that the policy's own router would now make differently (its top-k set at the
 current parameters does not contain the replayed expert); 0 at the first update of a step.
 
-Layout: the batch holds the ids as [B, L, W, k] (rows first, sliced into minibatches like the
-other batch arrays); the model takes [L, B, W, k].
+Layout: the batch holds the ids as [B, L, W, k] (rows first); the model takes [L, B, W, k].
+The loop records them minibatch by minibatch, and they stay where the record pass wrote them:
+global device arrays with the batch's sharding (rows over the batch mesh axes, as the update
+takes them), never fetched to the host nor replicated (at scale B x L x W x k int32 ids are
+gigabytes).
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ def record(model_cfg: qwen35_jax.Qwen35Config, params, ids_BW, valid_BW, *, runt
     logp_BTV = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
     logp_BT = jnp.take_along_axis(logp_BTV, ids_BW[:, 1:, None], axis=-1)[..., 0]
     return logp_BT, jnp.swapaxes(out.routing.experts, 0, 1)
+
+
+def recorder(model_cfg: qwen35_jax.Qwen35Config, logp_sharding, experts_sharding, *, runtime=None):
+    """`record` jitted: (params, ids_BW, valid_BW) -> (logp_BT with `logp_sharding`, experts_BLWk
+    with `experts_sharding`, the batch's: left on the devices, as the update takes them)."""
+    return jax.jit(
+        lambda p, i, v: record(model_cfg, p, i, v, runtime=runtime),
+        out_shardings=(logp_sharding, experts_sharding),
+    )
 
 
 def model_routing(experts_BLWk: jax.Array) -> qwen35_jax.Routing:

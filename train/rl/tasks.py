@@ -37,6 +37,7 @@ CHARS = "0123456789+="
 SPECIALS = ("<pad>", "<|endoftext|>")  # ids 0 and 1 (eos)
 ADD_DIGITS = 2
 ADD_CORRECT = 0.25
+DIGITS_CORRECT = 0.25
 _LO, _HI = 10 ** (ADD_DIGITS - 1), 10**ADD_DIGITS
 
 
@@ -113,6 +114,61 @@ class Task:
         """`n` training records for `step` (attempt > 0: DAPO's refills of that step)."""
         rng = np.random.default_rng([self.seed, step, attempt])
         return [self.train[i] for i in rng.integers(0, len(self.train), size=n)]
+
+
+def word_tokenizer_json(words: Sequence[str]) -> str:
+    """A Hugging Face tokenizer.json with `WordTokenizer(words)`'s ids: <pad> 0, <eos> 1, <unk> 2,
+    then `words`, split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: PLC0415
+
+    specials = ("<pad>", "<eos>", "<unk>")
+    vocab = {t: i for i, t in enumerate((*specials, *words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(list(specials))
+    return tok.to_str()
+
+
+def digits_caption(label: int, index: int, correct: float = DIGITS_CORRECT) -> str:
+    """The pretraining caption of train image `index`: "digit <label>" for a fraction `correct`
+    of the images (drawn by a hash of the index), "digit <label + 1 mod 10>" for the others."""
+    right = random.Random(7919 * index + 17).random() < correct
+    return f"digit {label if right else (label + 1) % 10}"
+
+
+def write_digits_files(
+    directory: str | None = None, image_size: int = 32, correct: float = DIGITS_CORRECT
+) -> dict[str, str]:
+    """The digits RL demo's pretraining data, written once (atomically) under `directory`
+    (default: the temp dir): the train split's images as PNG files, a JSON-lines corpus of
+    image-caption documents (`digits_caption`) and the word tokenizer's tokenizer.json; their
+    paths ("corpus", "tokenizer")."""
+    from PIL import Image  # noqa: PLC0415
+
+    from train.data import digits  # noqa: PLC0415 (scikit-learn: the digits extra)
+
+    directory = directory or os.path.join(tempfile.gettempdir(), "qwen35_jax_digits_rl")
+    tag = f"{image_size}px_{correct:g}"
+    paths = {
+        "tokenizer": os.path.join(directory, "tokenizer.json"),
+        "corpus": os.path.join(directory, f"corpus_v1_{tag}.jsonl"),
+    }
+    if not os.path.exists(paths["tokenizer"]):
+        os.makedirs(directory, exist_ok=True)
+        _write(paths["tokenizer"], word_tokenizer_json(digits.WORDS))
+    if not os.path.exists(paths["corpus"]):
+        images, labels = digits.digit_images("train", image_size)
+        os.makedirs(os.path.join(directory, f"images_{image_size}px"), exist_ok=True)
+        lines = []
+        for i, (x, y) in enumerate(zip(images, labels, strict=True)):
+            name = f"images_{image_size}px/{i}.png"
+            if not os.path.exists(os.path.join(directory, name)):
+                tmp = os.path.join(directory, f"{name}.tmp-{os.getpid()}.png")
+                Image.fromarray(x).save(tmp)
+                os.replace(tmp, os.path.join(directory, name))
+            lines.append(json.dumps({"image": name, "text": digits_caption(int(y), i, correct)}))
+        _write(paths["corpus"], "\n".join(lines) + "\n")
+    return paths
 
 
 def digits_records(split: str, image_size: int) -> list[dict[str, Any]]:
