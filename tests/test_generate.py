@@ -255,7 +255,8 @@ def test_decode_state_shapes_and_bytes(tmp_path_factory):
     )
     assert state.linear.state.dtype == jnp.float32
     assert len(state.full) == c.num_blocks  # one cache per block, read in place
-    assert state.full[0].k.shape == (3, c.num_key_value_heads, 40, c.head_dim)
+    assert state.full[0].k.shape == (3, c.num_key_value_heads, c.head_dim, 40)  # keys [B,G,H,S]
+    assert state.full[0].v.shape == (3, c.num_key_value_heads, 40, c.head_dim)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     assert decode_state_bytes(config, 3, 40) == nbytes
     gdn = c.num_hidden_layers - c.num_blocks
