@@ -19,7 +19,8 @@ save_pretrained, read by our load_hf), float32 on CPU, batch 8, prompts of 128 r
             fixed [B, 128 + n] buffer (argmax at each row's last position); per-token time from
             a few steps (it is constant per step)
 Context: our per-token decode time at prompt 4,096 against 256 (the GDN layers cost the same
-per token; only the attention layers read a longer cache), over `--context_tokens` (128) steps.
+per token; only the attention layers read a longer cache): `generate`'s decode loop
+(`generate.decode_loop`) over `--context_tokens` (128) steps from a prefilled state.
 Memory: the prefill's output buffers (XLA's memory analysis of the compiled prefill) against
 `decode_state_bytes` + the [B, V] logits.
 """
@@ -164,24 +165,43 @@ def state_memory(config, params, batch: int, prompt: int, n: int) -> tuple[int, 
 def context_scaling(
     config, params, rng, batch: int, long_context: int, n: int, rounds: int = 3
 ) -> tuple:
-    """Seconds per decode step after prompts of 256 and of `long_context` tokens (n steps each,
-    enough that the prefill's run-to-run noise, which cancels only on average, stays small);
-    both sides compiled first, then timed round-robin (best of `rounds`) under the same load."""
+    """Seconds per decode step after prompts of 256 and of `long_context` tokens: `generate`'s
+    own decode loop (`decode_loop`: n steps of decode_step + sampling in one while_loop, caches
+    of bucket + n + 1 slots as `generate` makes them) jitted alone and run from a prefilled
+    state, so the prefill (seconds at 4,096 tokens, its noise larger than the difference being
+    measured) is not in the timing; both sides compiled first, then timed round-robin (best
+    of `rounds`) under the same load."""
+    from qwen35_jax.generate import decode_loop, prompt_bucket  # noqa: PLC0415
+
     vocab = config.text_config.vocab_size
-    short = rng.randint(0, vocab, (batch, min(256, long_context))).tolist()
-    long = rng.randint(0, vocab, (batch, long_context)).tolist()
-
-    def run(prompts, k):
-        jax.block_until_ready(q.generate(config, params, prompts, max_new_tokens=k))
-
-    calls = [(p, k) for p in (short, long) for k in (1, 1 + n)]
-    for p, k in calls:
-        run(p, k)  # compile
-    best = [float("inf")] * len(calls)
+    loop = jax.jit(
+        lambda params, state, logits, key: decode_loop(
+            config,
+            params,
+            state,
+            logits,
+            key,
+            max_new_tokens=n + 1,
+            temperature=0.0,
+            top_k=0,
+            top_p=1.0,
+            stop_token_ids=(),
+        )
+    )
+    pre = jax.jit(decode.prefill, static_argnums=(0, 4))
+    inputs = []
+    for length in (min(256, long_context), long_context):
+        ids = jnp.asarray(rng.randint(0, vocab, (batch, length)), jnp.int32)
+        slots = prompt_bucket(length) + n + 1
+        logits, state = pre(config, params, ids, jnp.full((batch,), length, jnp.int32), slots)
+        inputs.append((params, state, logits, jax.random.key(0)))
+    for args in inputs:
+        jax.block_until_ready(loop(*args))  # compile
+    best = [float("inf")] * len(inputs)
     for _ in range(rounds):
-        for i, (p, k) in enumerate(calls):
-            best[i] = min(best[i], _time(lambda p=p, k=k: run(p, k)))
-    return (best[1] - best[0]) / n, (best[3] - best[2]) / n
+        for i, args in enumerate(inputs):
+            best[i] = min(best[i], _time(lambda a=args: jax.block_until_ready(loop(*a))))
+    return best[0] / n, best[1] / n
 
 
 def measure(

@@ -48,21 +48,27 @@ def _layer(rt: Runtime, config, kind, params, x_BTD, ctx, cache, prefill: bool, 
 
 
 def pad_slots(cache: KVCache, slots: int) -> KVCache:
-    """The prompt's keys/values [B, T, G, H] as a cache of S slots [B, G, S, H]."""
-    pad = ((0, 0), (0, 0), (0, slots - cache.k.shape[1]), (0, 0))
-    return KVCache(*(jnp.pad(jnp.swapaxes(x, 1, 2), pad) for x in cache))
+    """The prompt's keys/values [B, T, G, H] as a cache of S slots (k [B, G, H, S],
+    v [B, G, S, H])."""
+    t = cache.k.shape[1]
+    k_BGHS = jnp.pad(jnp.transpose(cache.k, (0, 2, 3, 1)), ((0, 0),) * 3 + ((0, slots - t),))
+    v_BGSH = jnp.pad(jnp.swapaxes(cache.v, 1, 2), ((0, 0), (0, 0), (0, slots - t), (0, 0)))
+    return KVCache(k_BGHS, v_BGSH)
+
+
+def cache_slots(cache: KVCache) -> int:
+    """S, the static number of slots of a cache (`pad_slots`' layout)."""
+    return cache.v.shape[2]
 
 
 def write_kv(cache: KVCache, new: KVCache, index_BT: jax.Array) -> KVCache:
-    """The cache [B, G, S, H] with row b's t-th new key/value (new: [B, T, G, H]) at slot
-    index_BT[b, t]: a scatter of T slots, in place on a donated or loop-carried buffer (slots
-    >= S are dropped)."""
+    """The cache (k [B, G, H, S], v [B, G, S, H]) with row b's t-th new key/value (new:
+    [B, T, G, H]) at slot index_BT[b, t]: a scatter of T slots, in place on a donated or
+    loop-carried buffer (slots >= S are dropped)."""
     rows_B1 = jnp.arange(index_BT.shape[0])[:, None]
-
-    def put(cache_BGSH, x_BTGH):
-        return cache_BGSH.at[rows_B1, :, index_BT].set(x_BTGH.astype(cache_BGSH.dtype), mode="drop")
-
-    return KVCache(put(cache.k, new.k), put(cache.v, new.v))
+    k = cache.k.at[rows_B1, :, :, index_BT].set(new.k.astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[rows_B1, :, index_BT].set(new.v.astype(cache.v.dtype), mode="drop")
+    return KVCache(k, v)
 
 
 def _layers(
@@ -235,7 +241,7 @@ def decode_step(
     """
     rt = resolve(runtime)
     b, t = ids_BT.shape
-    slots = state.full[0].k.shape[2] if state.full is not None else 0
+    slots = cache_slots(state.full[0]) if state.full is not None else 0
     ctx, index_BT = decode_context(config, state.length_B, state.rope_delta_B, t, slots)
     x_BTD = embed(rt, config, params, ids_BT, None)
     x_BTD, caches = _layers(rt, config, params, x_BTD, ctx, state, slots, index_BT, every_position)

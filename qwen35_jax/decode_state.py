@@ -7,7 +7,8 @@ decoding scans over blocks with the training parameter tree (no conversion):
 
     linear  GDNCache  conv_q/conv_k [nb, i-1, B, W-1, J, K], conv_v [nb, i-1, B, W-1, H, V],
                       state [nb, i-1, B, H, K, V] float32     <- params blocks/linear_layers
-    full    nb KVCaches  k, v [B, G, S, H] each (compute dtype) <- params blocks/full_layer
+    full    nb KVCaches  k [B, G, H, S], v [B, G, S, H] each (compute dtype; keys transposed:
+                      both attention dots read the arrays as they lie) <- params blocks/full_layer
     tail    GDNCache  as `linear` with one leading axis [r]   <- params tail_layers
     length_B  int32 [B]  tokens of row b in the caches (its next token goes to slot length_B)
     rope_delta_B  int32 [B]  row b's next token has position length_B + rope_delta_B on all
@@ -41,7 +42,7 @@ from qwen35_jax.runtime import Runtime, resolve
 
 class DecodeState(NamedTuple):
     linear: GDNCache | None  # leaves [nb, i-1, B, ...]; None when there are no blocks or i = 1
-    full: tuple[KVCache, ...] | None  # one per block, leaves [B, G, S, H]; None: no blocks
+    full: tuple[KVCache, ...] | None  # one per block (k [B, G, H, S], v [B, G, S, H]) or None
     tail: GDNCache | None  # leaves [r, B, ...]; None when r = 0
     length_B: jax.Array  # int32 [B]
     rope_delta_B: jax.Array  # int32 [B]
@@ -68,11 +69,13 @@ def abstract_decode_state(
     c = config.text_config
     nb, i, r = c.num_blocks, c.full_attention_interval, c.num_tail_layers
     dt = resolve(runtime).dtype
-    kv = jax.ShapeDtypeStruct((batch, c.num_key_value_heads, max_length, c.head_dim), dt)
+    g, h = c.num_key_value_heads, c.head_dim
+    k = jax.ShapeDtypeStruct((batch, g, h, max_length), dt)
+    v = jax.ShapeDtypeStruct((batch, g, max_length, h), dt)
     row = jax.ShapeDtypeStruct((batch,), jnp.int32)
     return DecodeState(
         linear=_gdn_shapes(config, dt, (nb, i - 1), batch) if nb and i > 1 else None,
-        full=tuple(KVCache(kv, kv) for _ in range(nb)) if nb else None,
+        full=tuple(KVCache(k, v) for _ in range(nb)) if nb else None,
         tail=_gdn_shapes(config, dt, (r,), batch) if r else None,
         length_B=row,
         rope_delta_B=row,

@@ -45,27 +45,27 @@ def test_sharded_generate_equals_single_device(setup, mesh_name):
     with sharding.use_mesh(mesh):
         out_g = q.generate(config, sharded, prompts, max_new_tokens=6, runtime=rt)
         out_s = q.generate(config, sharded, prompts, **kw)
-        lowered = generate_arrays.lower(
-            sharded,
-            np.zeros((8, 16), np.int32),
-            np.ones((8,), np.int32),
-            jax.random.key(0),
-            None,
-            None,
-            None,
-            None,
-            config=config,
-            slots=22,
-            max_new_tokens=6,
-            temperature=0.0,
-            top_k=0,
-            top_p=1.0,
-            stop_token_ids=(),
-            stream=None,
-            runtime=rt,
-        )
-    if mesh.shape["expert"] > 1:  # the MoE layers dispatch by all-to-all in decode too
-        assert "all_to_all" in lowered.as_text()
+        if mesh.shape["expert"] > 1:  # the MoE layers dispatch by all-to-all in decode too
+            lowered = generate_arrays.lower(
+                sharded,
+                np.zeros((8, 16), np.int32),
+                np.ones((8,), np.int32),
+                jax.random.key(0),
+                None,
+                None,
+                None,
+                None,
+                config=config,
+                slots=22,
+                max_new_tokens=6,
+                temperature=0.0,
+                top_k=0,
+                top_p=1.0,
+                stop_token_ids=(),
+                stream=None,
+                runtime=rt,
+            )
+            assert "all_to_all" in lowered.as_text()
     for ours, ref in ((out_g, greedy), (out_s, sampled)):
         np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(ours.lengths), np.asarray(ref.lengths))
@@ -74,6 +74,8 @@ def test_sharded_generate_equals_single_device(setup, mesh_name):
 
 
 def _compile_seconds(layers: int) -> float:
+    """Seconds to compile `generate_arrays` (prefill + decode loop) for a tiny model of
+    `layers` layers; the in-process caches cleared first (no in-process cache hit)."""
     jax.clear_caches()  # otherwise a repeated compile is an in-process cache hit
     base = q.get_config("tiny")
     text = dataclasses.replace(base.text_config, num_hidden_layers=layers, mtp_num_hidden_layers=0)
@@ -104,8 +106,13 @@ def _compile_seconds(layers: int) -> float:
 
 
 def test_generate_compile_time_does_not_grow_with_depth(no_compilation_cache):
-    """Prefill + the decode loop for 48 layers compile in < 2x the time of 8 layers."""
-    _compile_seconds(8)  # warm caches shared by both
-    t8 = min(_compile_seconds(8) for _ in range(2))
-    t48 = min(_compile_seconds(48) for _ in range(2))
-    assert t48 < 2 * t8, (t8, t48)
+    """Prefill + the decode loop for 48 layers compile in < 2x the time of 8 layers: the best
+    of two compilations each, interleaved (8, 48, 8, 48) so both see the same load; the first,
+    cold one (process-wide warm-up) only ever raises the 8-layer figure it is the min with.
+    The persistent compilation cache is off (conftest's fixture, which fails on a hit)."""
+    times = {8: [], 48: []}
+    for _ in range(2):
+        for layers in times:
+            times[layers].append(_compile_seconds(layers))
+    t8, t48 = min(times[8]), min(times[48])
+    assert t48 < 2 * t8, (times[8], times[48])

@@ -14,7 +14,8 @@ Steps, all inside one `jax.jit` (compiled once per prompt bucket, batch and sett
    and the positions are the 3-D rope index; decoding continues them at length + rope_delta.
 2. Token 0 is sampled from the last prompt logits (`sampling.sample`), then a `lax.while_loop`
    alternates `decode.decode_step` and sampling until N tokens or until every row has emitted
-   one of `stop_token_ids`. Step i draws with `fold_in(rng, i)`: a key reproduces the output.
+   one of `stop_token_ids` (`decode_loop`). Step i draws with `fold_in(rng, i)`: a key
+   reproduces the output.
 
 Under a mesh (`sharding.use_mesh`) with sharded parameters the same code runs sharded: rows over
 the batch axes, caches like the activations (`decode_state.constrain_decode_state`); the outputs
@@ -39,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from qwen35_jax import sharding
 from qwen35_jax.config import Qwen35Config
 from qwen35_jax.decode import decode_step, prefill
+from qwen35_jax.decode_state import DecodeState
 from qwen35_jax.fusion import check_placeholder_counts, vision_inputs
 from qwen35_jax.generate.outputs import Emitted, emit_column, empty
 from qwen35_jax.generate.speculative import speculative_loop
@@ -151,8 +153,7 @@ def generate_arrays(
 ) -> GenerateOutput | SpeculativeOutput:
     """The jitted core of `generate`: prompts already padded to a bucket, settings static."""
     ids_BT, lengths_B = _constrain_rows(ids_BT), _constrain_rows(lengths_B)
-    b, t = ids_BT.shape
-    n = max_new_tokens
+    t = ids_BT.shape[1]
     vision = vision_inputs(
         config, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
     )
@@ -198,6 +199,44 @@ def generate_arrays(
         vision=vision,
         runtime=runtime,
     )
+    out = decode_loop(
+        config,
+        params,
+        state,
+        logits_BV,
+        rng,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=stop_token_ids,
+        stream=stream,
+        runtime=runtime,
+    )
+    return _replicated(out)
+
+
+def decode_loop(
+    config: Qwen35Config,
+    params: dict,
+    state: DecodeState,
+    logits_BV: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    stop_token_ids: tuple[int, ...],
+    stream: Callable | None = None,
+    runtime: Runtime | None = None,
+) -> GenerateOutput:
+    """`generate` after the prefill: token 0 sampled from logits_BV (each row's last prompt
+    token), then one `lax.while_loop` of `decode_step` + sampling until max_new_tokens or until
+    every row has stopped (step i draws with fold_in(rng, i)). Traced inside `generate_arrays`;
+    jitted alone by `bench/generate.py` (per-token time without the prefill)."""
+    b = logits_BV.shape[0]
+    n = max_new_tokens
     pad = pad_id(config)
 
     def emit(i, logits_BV, out: Emitted) -> Emitted:
@@ -222,7 +261,7 @@ def generate_arrays(
     _, _, (tokens_BN, logprobs_BN, _, count_B) = lax.while_loop(
         cond, body, (jnp.asarray(1, jnp.int32), state, carry)
     )
-    return _replicated(GenerateOutput(tokens_BN, count_B, logprobs_BN))
+    return GenerateOutput(tokens_BN, count_B, logprobs_BN)
 
 
 def _replicated(out):

@@ -20,6 +20,10 @@ over the cache's slots where `mask` [B, 1, 1, T, S] is true (the caller's: the s
 written before, s < length) and causally over the T new tokens themselves, one softmax over
 both (`cached_attention`), and returns the T new tokens' keys and values, which the caller
 writes into its cache (`decode.py`, in place). The cache is only read: one pass over S slots.
+Cached keys lie transposed, k [B, G, H, S], values v [B, G, S, H]: both dots over the cache are
+then plain matrix products on the arrays as they lie (q [R*T, H] @ k [H, S], p [R*T, S] @
+v [S, H]); with keys [S, H] XLA CPU ran the score dot 2-3x slower (it dominated decoding at
+long context).
 
 Parameter names (ours -> Hugging Face `self_attn.*`):
     q_proj [D, N, 2H]   <- q_proj.weight [N*2H, D] (transposed, reshaped)
@@ -48,15 +52,16 @@ from qwen35_jax.runtime import Runtime
 
 class KVCache(NamedTuple):
     """Keys and values of one attention layer (after k_norm and rotary): a decoding cache of S
-    static slots [B, G, S, H] (each head's slots contiguous: the attention dots read it as it
-    lies, no transposed copy), or the T new tokens' [B, T, G, H] that a layer returns."""
+    static slots, keys k [B, G, H, S] and values v [B, G, S, H] (the layouts the two attention
+    dots read as they lie, no transposed copy), or the T new tokens' [B, T, G, H] (both) that a
+    layer returns."""
 
-    k: jax.Array  # [B, G, S, H] compute dtype (a cache) or [B, T, G, H] (new tokens)
-    v: jax.Array
+    k: jax.Array  # [B, G, H, S] compute dtype (a cache) or [B, T, G, H] (new tokens)
+    v: jax.Array  # [B, G, S, H] (a cache) or [B, T, G, H] (new tokens)
 
 
 class BlockKV(NamedTuple):
-    """The attention caches of every block (nb KVCaches [B, G, S, H], one array each) and the
+    """The attention caches of every block (nb KVCaches, one pair of arrays each) and the
     block being run: inside the decode scan over blocks, `cached_attention` reads block
     `index`'s cache where it lies (a `lax.switch` over the blocks: the dots take the block's
     own buffer; indexing a stacked [nb, ...] cache copied the layer's slice every token)."""
@@ -99,10 +104,11 @@ def cached_attention(
     k_BTGH: jax.Array,
     v_BTGH: jax.Array,
 ) -> jax.Array:
-    """Decoding attention of T new tokens over the cache slots (cache.k, cache.v [B, G, S, H];
-    a `BlockKV`: its block's cache) allowed by `mask` [B, 1, 1, T, S] and causally over the new
-    tokens' own keys/values (one float32 softmax over S + T scores). Returns [B, T, N, H]. The
-    cache is only read."""
+    """Decoding attention of T new tokens over the cache slots (cache.k [B, G, H, S], cache.v
+    [B, G, S, H]; a `BlockKV`: its block's cache) allowed by `mask` [B, 1, 1, T, S] and causally
+    over the new tokens' own keys/values: one float32 softmax over the S + T scores, its two
+    parts normalised together (no [S + T] concatenation). Returns [B, T, N, H]. The cache is
+    only read, once per dot."""
     if isinstance(cache, BlockKV):
         if len(cache.caches) == 1:
             return cached_attention(q_BTNH, cache.caches[0], mask, k_BTGH, v_BTGH)
@@ -114,25 +120,37 @@ def cached_attention(
         return lax.switch(cache.index, branches, q_BTNH, mask, k_BTGH, v_BTGH)
     b, t, n, h = q_BTNH.shape
     g = k_BTGH.shape[2]
-    q_BTGRH = q_BTNH.reshape(b, t, g, n // g, h)
+    dtype = q_BTNH.dtype
+    q_BGRTH = jnp.transpose(q_BTNH.reshape(b, t, g, n // g, h), (0, 2, 3, 1, 4))
     floor = jnp.finfo(jnp.float32).min
     old_BGRTS = jnp.einsum(
-        "btgrh,bgsh->bgrts",
-        q_BTGRH,
-        cache.k.astype(q_BTNH.dtype),
-        preferred_element_type=jnp.float32,
+        "bgrth,bghs->bgrts", q_BGRTH, cache.k.astype(dtype), preferred_element_type=jnp.float32
     )
-    new_BGRTU = jnp.einsum("btgrh,bugh->bgrtu", q_BTGRH, k_BTGH, preferred_element_type=jnp.float32)
+    new_BGRTU = jnp.einsum("bgrth,bugh->bgrtu", q_BGRTH, k_BTGH, preferred_element_type=jnp.float32)
     old_BGRTS = jnp.where(mask, old_BGRTS * (h**-0.5), floor)
     causal_TU = jnp.tril(jnp.ones((t, t), dtype=bool))
     new_BGRTU = jnp.where(causal_TU, new_BGRTU * (h**-0.5), floor)
-    probs = jax.nn.softmax(jnp.concatenate([old_BGRTS, new_BGRTU], axis=-1), axis=-1)
-    s = old_BGRTS.shape[-1]
-    dtype = v_BTGH.dtype
-    out_BTGRH = jnp.einsum(
-        "bgrts,bgsh->btgrh", probs[..., :s].astype(dtype), cache.v.astype(dtype)
-    ) + jnp.einsum("bgrtu,bugh->btgrh", probs[..., s:].astype(dtype), v_BTGH)
-    return out_BTGRH.reshape(b, t, n, h)
+    top_BGRT1 = jnp.maximum(
+        jnp.max(old_BGRTS, axis=-1, keepdims=True), jnp.max(new_BGRTU, axis=-1, keepdims=True)
+    )
+    old_BGRTS = jnp.exp(old_BGRTS - top_BGRT1)
+    new_BGRTU = jnp.exp(new_BGRTU - top_BGRT1)
+    total_BGRT1 = jnp.sum(old_BGRTS, axis=-1, keepdims=True) + jnp.sum(
+        new_BGRTU, axis=-1, keepdims=True
+    )
+    vdt = v_BTGH.dtype
+    out_BGRTH = jnp.einsum(
+        "bgrts,bgsh->bgrth",
+        (old_BGRTS / total_BGRT1).astype(vdt),
+        cache.v.astype(vdt),
+        preferred_element_type=jnp.float32,
+    ) + jnp.einsum(
+        "bgrtu,bugh->bgrth",
+        (new_BGRTU / total_BGRT1).astype(vdt),
+        v_BTGH,
+        preferred_element_type=jnp.float32,
+    )
+    return jnp.transpose(out_BGRTH, (0, 3, 1, 2, 4)).reshape(b, t, n, h).astype(vdt)
 
 
 class GatedAttention(RuntimeDtypes, nn.Module):
