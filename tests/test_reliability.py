@@ -313,13 +313,3 @@ def test_after_sigkill_and_resume_metrics_have_each_step_once(tmp_path, env):
     # the former hand-made writer put it)
     start_event = b"\x3a\x02\x08\x01"
     assert start_event in newest.read_bytes()
-
-
-@pytest.mark.slow
-def test_rerunning_a_finished_run_says_it_is_finished(tmp_path, env):
-    workdir = tmp_path / "run"
-    args = ["--config.train.steps=2", *QUIET]
-    assert cli(workdir, *args, env=env).returncode == 0
-    r = cli(workdir, *args, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "already finished: step 2 of train.steps=2; nothing to train" in r.stdout
