@@ -1,5 +1,5 @@
 """RL fine-tuning (train/rl): a bandit learns, dynamic sampling refills and logs, overlong shaping
-in tokens, a failing user reward scores 0 and is counted, 6 steps == 3 + resume + 3, 8 devices
+in tokens, a failing user reward scores 0 and is counted, 4 steps == 2 + resume + 2, 8 devices
 (fsdp=4, expert=2) == one device, the CLI refuses bad keys, describes itself in --help, and saves
 on SIGTERM and resumes from there."""
 
@@ -210,12 +210,15 @@ def test_rl_resume_is_exact(tmp_path):
     from train.rl import loop
 
     c = tiny_rl_config()
+    # 2 steps on each side of the resume (an evaluation and a checkpoint at step 2)
+    c.rl.eval_every, c.checkpoint.every_steps = 2, 2
+    c.train.steps = 4
     straight = loop.run(c, str(tmp_path / "a"))["rows"]
-    c.train.steps = 3
+    c.train.steps = 2
     first = loop.run(c, str(tmp_path / "b"))["rows"]
-    c.train.steps = 6
+    c.train.steps = 4
     second = loop.run(c, str(tmp_path / "b"))
-    assert second["start_step"] == 3
+    assert second["start_step"] == 2
     assert _trace(first + second["rows"]) == _trace(straight)
     assert straight[0]["step"] == 0 and "eval_accuracy" in straight[0]  # before any update
     assert any(r.get("loss", 0) != 0 for r in straight)

@@ -91,6 +91,15 @@ def test_resume_gives_exactly_the_losses_of_a_straight_run(straight_run, resumed
     assert config["model"]["text_config"]["num_hidden_layers"] == 2
 
 
+def test_rerunning_a_finished_run_says_it_is_finished(straight_run, tmp_path, env):
+    """(The straight run's copy: a finished run needs no run of its own.)"""
+    workdir = tmp_path / "copy"
+    shutil.copytree(straight_run, workdir)
+    r = cli(workdir, "--config.train.steps=6", "--config.checkpoint.every_steps=3", *QUIET, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already finished: step 6 of train.steps=6; nothing to train" in r.stdout
+
+
 def test_changed_data_layout_is_refused_naming_it(resumed_run, tmp_path, env):
     """Another data.num_shards cannot continue the checkpoint's data stream: one line, no
     traceback, and the checkpoints stay where they are."""
