@@ -6,9 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-2048 (1024 chips): fsdp 16 x tensor 2 x expert 32.
-Memory per chip on v5p-2048: the TPU compiler's 68.9 GiB of 95.7 (72%, fits; `launch.compile
---topology=v5p-2048`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 44.2 GiB
-(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
+Memory per chip on v5p-2048: the TPU compiler's 57.9 GiB of 95.7 (60%, fits; `launch.compile
+--topology=v5p-2048`, libtpu 0.0.42.1, recompiled after session 7's fixes: bench/RESULTS.md),
+the planner's 44.2 GiB (1.31x: the backend temporaries it cannot see, RESULTS).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
