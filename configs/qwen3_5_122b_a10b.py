@@ -6,9 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-1024 (512 chips): fsdp 32 x expert 16.
-Memory per chip on v5p-1024: the TPU compiler's 69.6 GiB of 95.7 (73%, fits; `launch.compile
---topology=v5p-1024`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 46.3 GiB
-(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
+Memory per chip on v5p-1024: the TPU compiler's 66.0 GiB of 95.7 (69%, fits; `launch.compile
+--topology=v5p-1024`, libtpu 0.0.42.1, recompiled after session 7's fixes: bench/RESULTS.md),
+the planner's 46.2 GiB (1.43x: the backend temporaries it cannot see, RESULTS).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
