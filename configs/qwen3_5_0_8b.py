@@ -7,9 +7,10 @@
 
 Sized for a TPU v5p-32 (16 chips) or one 8-GPU node.
 Memory per chip on v5p-32 (TPU compiler, `python -m launch.compile --config=configs/
-qwen3_5_0_8b.py --topology=v5p-32`): 48.1 GiB of 95.7 (51%; planner 41.2 with
-session 7's terms, bench/RESULTS.md). With grad_accum 1
-the compiler needs 92.4 GiB per chip (97%: too tight), hence 2 micro-batches.
+qwen3_5_0_8b.py --topology=v5p-32`, recompiled after session 7's fixes): 50.1 GiB of 95.7
+(52%, fits; planner 41.1: 1.22x, the backend temporaries it cannot see, bench/RESULTS.md).
+With grad_accum 1 the compiler needed 92.4 GiB per chip (97%: too tight; before session 7's
+fixes), hence 2 micro-batches.
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """

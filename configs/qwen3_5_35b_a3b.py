@@ -6,10 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-256 (128 chips): fsdp 16 x expert 8.
-Memory per chip on v5p-256: the TPU compiler's 58.3 GiB of 95.7 (61%, fits; `launch.compile
---topology=v5p-256`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 48.6 GiB
-(session 7's terms; the compiler's figure, re-measured after session 7's MoE fix: 58.31;
-it predates the loss change: bench/RESULTS.md).
+Memory per chip on v5p-256: the TPU compiler's 63.0 GiB of 95.7 (66%, fits; `launch.compile
+--topology=v5p-256`, libtpu 0.0.42.1, recompiled after session 7's fixes: bench/RESULTS.md),
+the planner's 48.6 GiB (1.30x: the backend temporaries it cannot see, RESULTS).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """

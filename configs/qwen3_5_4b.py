@@ -6,9 +6,9 @@
         --config.data.tokenizer_path=/path/to/Qwen3.5-checkpoint-dir
 
 Sized for a TPU v5p-128 (64 chips).
-Memory per chip on v5p-128: the TPU compiler's 56.4 GiB of 95.7 (59%, fits; `launch.compile
---topology=v5p-128`, libtpu 0.0.42.1, bench/RESULTS.md), the planner's 52.3 GiB
-(session 7's terms; the compiler's figure predates session 7's fixes: bench/RESULTS.md).
+Memory per chip on v5p-128: the TPU compiler's 57.5 GiB of 95.7 (60%, fits; `launch.compile
+--topology=v5p-128`, libtpu 0.0.42.1, recompiled after session 7's fixes: bench/RESULTS.md),
+the planner's 52.3 GiB (1.10x).
 Shared recipe (WSD, bfloat16, MTP, z-loss, Qwen tokenizer; continuing from released
 weights): see `configs.common.pretrain_config`.
 """
