@@ -46,31 +46,36 @@ def test_sharded_generate_equals_single_device(setup, mesh_name):
         out_g = q.generate(config, sharded, prompts, max_new_tokens=6, runtime=rt)
         out_s = q.generate(config, sharded, prompts, **kw)
         if mesh.shape["expert"] > 1:  # the MoE layers dispatch by all-to-all in decode too
-            lowered = generate_arrays.lower(
-                sharded,
-                np.zeros((8, 16), np.int32),
-                np.ones((8,), np.int32),
-                jax.random.key(0),
-                None,
-                None,
-                None,
-                None,
-                config=config,
-                slots=22,
-                max_new_tokens=6,
-                temperature=0.0,
-                top_k=0,
-                top_p=1.0,
-                stop_token_ids=(),
-                stream=None,
-                runtime=rt,
-            )
+            lowered = _lower_greedy(sharded, np.zeros((8, 16), np.int32), config, 6, runtime=rt)
             assert "all_to_all" in lowered.as_text()
     for ours, ref in ((out_g, greedy), (out_s, sampled)):
         np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
         np.testing.assert_array_equal(np.asarray(ours.lengths), np.asarray(ref.lengths))
         np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(ref.logprobs), atol=1e-5)
     assert out_g.tokens.sharding.is_fully_replicated  # every process can read every row
+
+
+def _lower_greedy(params, tokens_BT, config, max_new_tokens: int, **kw):
+    """`generate_arrays` lowered for greedy decoding of `tokens_BT` (no images, no stop ids)."""
+    return generate_arrays.lower(
+        params,
+        tokens_BT,
+        jnp.ones((tokens_BT.shape[0],), jnp.int32),
+        jax.random.key(0),
+        None,
+        None,
+        None,
+        None,
+        config=config,
+        slots=tokens_BT.shape[1] + max_new_tokens,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        stop_token_ids=(),
+        stream=None,
+        **kw,
+    )
 
 
 def _compile_seconds(layers: int) -> float:
@@ -82,24 +87,7 @@ def _compile_seconds(layers: int) -> float:
     config = base.replace(text_config=text)
     params = jax.eval_shape(lambda: q.init_params(config, jax.random.key(0)))
     t = prompt_bucket(5)
-    lowered = generate_arrays.lower(
-        params,
-        jnp.full((2, t), pad_id(config), jnp.int32),
-        jnp.ones((2,), jnp.int32),
-        jax.random.key(0),
-        None,
-        None,
-        None,
-        None,
-        config=config,
-        slots=t + 8,
-        max_new_tokens=8,
-        temperature=0.0,
-        top_k=0,
-        top_p=1.0,
-        stop_token_ids=(),
-        stream=None,
-    )
+    lowered = _lower_greedy(params, jnp.full((2, t), pad_id(config), jnp.int32), config, 8)
     start = time.perf_counter()
     lowered.compile()
     return time.perf_counter() - start
