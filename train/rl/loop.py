@@ -154,7 +154,9 @@ def _run(config, workdir: str, guard: PreemptionGuard, devices) -> dict:
     try:
         task = tasks.make_task(config.rl, t.seed, image_size=config.data.image_size)
         reward_fn = rewards.resolve(rl["reward"])
-        eval_fn = rewards.resolve(rl["eval_reward"]) if rl["eval_reward"] else reward_fn
+        eval_fn = (
+            rewards.resolve(rl["eval_reward"], "rl.eval_reward") if rl["eval_reward"] else reward_fn
+        )
         env = envs.resolve(rl["env"]) if rl["env"] else None
     except (OSError, ValueError) as e:
         raise config_schema.ConfigValueError(str(e)) from None
